@@ -1,0 +1,201 @@
+"""Worker configuration: one frozen object built from environment variables.
+
+Every setting is declared once in ``SETTINGS`` (env var, type, default, bounds, one-line doc).
+``Config.from_env()`` reads and validates all of them and raises ``ConfigError`` listing every
+bad value, so the worker exits with a clear message before it takes a job. The README's
+environment table is checked against ``SETTINGS`` by a test, so docs and code cannot drift.
+
+No torch, no runpod, no I/O at import.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b-coco"
+MB = 1024 * 1024
+GB = 1024 * MB
+
+
+class ConfigError(ValueError):
+    """A setting has a value the worker cannot run with. The message names every such setting."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    field: str  # attribute on Config
+    env: str  # environment variable
+    kind: str  # "str" | "int" | "float" | "bool" | "choice" | "opt_int"
+    default: Any
+    doc: str
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple[str, ...] = ()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    # --- model -------------------------------------------------------------------------------
+    Setting("model", "BLIP_MODEL", "str", DEFAULT_MODEL,
+            "Hugging Face repo id or local directory of the model; `tiny-random` (tests, CPU) or "
+            "`random-full` (real architecture, random weights; benchmarks)."),
+    Setting("engine", "BLIP_ENGINE", "choice", "transformers",
+            "Captioning backend.", choices=("transformers", "lavis")),
+    Setting("dtype", "BLIP_DTYPE", "choice", "auto",
+            "Model dtype; `auto` = float16 on CUDA (LAVIS parity), float32 on CPU.",
+            choices=("auto", "float16", "bfloat16", "float32")),
+    Setting("device", "BLIP_DEVICE", "str", "auto",
+            "`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`."),
+    Setting("max_batch_size", "BLIP_MAX_BATCH_SIZE", "int", 0,
+            "Largest GPU batch (images); 0 = chosen from free GPU memory at load (8 on CPU). "
+            "A request's `batch_size` caps it further.", lo=0, hi=1024),
+    Setting("inject_oom_above_batch", "BLIP_INJECT_OOM_ABOVE_BATCH", "opt_int", None,
+            "Chaos knob: any generate call with more images than this raises an out-of-memory "
+            "error (also on CPU). Unset in production.", lo=0, hi=100000),
+    Setting("warmup", "BLIP_WARMUP", "bool", True,
+            "Run one tiny caption after loading so the first job is not slow."),
+    Setting("batch_wait_ms", "BLIP_BATCH_WAIT_MS", "float", 5.0,
+            "How long the GPU loop waits for more images to fill a batch across jobs.",
+            lo=0, hi=1000),
+    Setting("max_concurrent_jobs", "MAX_CONCURRENT_JOBS", "int", 0,
+            "Jobs a worker runs at once (RunPod concurrency); 0 = auto (16 on GPU, 4 on CPU).",
+            lo=0, hi=256),
+    Setting("decode_workers", "DECODE_WORKERS", "int", 0,
+            "Threads decoding and preprocessing images; 0 = number of CPU cores (max 16).",
+            lo=0, hi=128),
+    # --- inputs ------------------------------------------------------------------------------
+    Setting("max_images_per_job", "MAX_IMAGES_PER_JOB", "int", 1000,
+            "Most images one job may contain (URLs in `data_urls`, members of a zip).",
+            lo=1, hi=1_000_000),
+    Setting("max_image_bytes", "MAX_IMAGE_BYTES", "int", 50 * MB,
+            "Largest image download or inline image, in bytes.", lo=1),
+    Setting("max_zip_bytes", "MAX_ZIP_BYTES", "int", 2 * GB,
+            "Largest zip download or inline zip, in bytes.", lo=1),
+    Setting("max_zip_uncompressed_bytes", "MAX_ZIP_UNCOMPRESSED_BYTES", "int", 4 * GB,
+            "Largest total uncompressed size of one zip's members, in bytes.", lo=1),
+    Setting("max_zip_ratio", "MAX_ZIP_RATIO", "float", 100.0,
+            "Largest compression ratio of one zip member (zip-bomb guard).", lo=1),
+    Setting("max_image_pixels", "MAX_IMAGE_PIXELS", "int", 120_000_000,
+            "Largest image in pixels (decompression-bomb guard; 120 MP lets 108 MP photos pass).",
+            lo=1),
+    Setting("download_concurrency", "DOWNLOAD_CONCURRENCY", "int", 16,
+            "Parallel downloads per job.", lo=1, hi=256),
+    Setting("connect_timeout_s", "DOWNLOAD_CONNECT_TIMEOUT_S", "float", 10.0,
+            "Seconds to establish a connection.", lo=0.01, hi=600),
+    Setting("read_timeout_s", "DOWNLOAD_READ_TIMEOUT_S", "float", 30.0,
+            "Seconds a download may stall without receiving a byte.", lo=0.01, hi=3600),
+    Setting("download_deadline_s", "DOWNLOAD_DEADLINE_S", "float", 300.0,
+            "Total seconds allowed for one file, retries included.", lo=0.01, hi=86400),
+    Setting("download_retries", "DOWNLOAD_RETRIES", "int", 3,
+            "Retries after a connection error or a 5xx answer (never after a 4xx).", lo=0, hi=20),
+    Setting("retry_backoff_s", "DOWNLOAD_RETRY_BACKOFF_S", "float", 0.5,
+            "First retry delay in seconds; doubles on each retry.", lo=0, hi=60),
+    Setting("work_dir", "WORK_DIR", "str", "",
+            "Parent directory for each job's private temporary directory; empty = system temp."),
+)
+
+
+def _parse(s: Setting, raw: str) -> Any:
+    raw = raw.strip()
+    if s.kind == "str":
+        return raw
+    if s.kind == "choice":
+        if raw not in s.choices:
+            raise ValueError(f"must be one of {', '.join(s.choices)}")
+        return raw
+    if s.kind == "bool":
+        low = raw.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("must be true or false")
+    if s.kind == "opt_int" and raw == "":
+        return None
+    if s.kind in ("int", "opt_int"):
+        try:
+            value: float = int(raw)
+        except ValueError:
+            raise ValueError("must be a whole number") from None
+    elif s.kind == "float":
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError("must be a number") from None
+        if value != value:  # NaN
+            raise ValueError("must be a number")
+    else:  # pragma: no cover - programming error
+        raise AssertionError(s.kind)
+    if s.lo is not None and value < s.lo:
+        raise ValueError(f"must be at least {s.lo:g}")
+    if s.hi is not None and value > s.hi:
+        raise ValueError(f"must be at most {s.hi:g}")
+    return value
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str
+    engine: str
+    dtype: str
+    device: str
+    max_batch_size: int
+    inject_oom_above_batch: int | None
+    warmup: bool
+    batch_wait_ms: float
+    max_concurrent_jobs: int
+    decode_workers: int
+    max_images_per_job: int
+    max_image_bytes: int
+    max_zip_bytes: int
+    max_zip_uncompressed_bytes: int
+    max_zip_ratio: float
+    max_image_pixels: int
+    download_concurrency: int
+    connect_timeout_s: float
+    read_timeout_s: float
+    download_deadline_s: float
+    download_retries: int
+    retry_backoff_s: float
+    work_dir: str
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Config":
+        """Read every setting from ``environ`` (default ``os.environ``); raise ConfigError."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+        for s in SETTINGS:
+            raw = env.get(s.env)
+            if raw is None or (raw.strip() == "" and s.kind != "str"):
+                values[s.field] = s.default
+                continue
+            try:
+                values[s.field] = _parse(s, raw)
+            except ValueError as exc:
+                shown = raw if len(raw) <= 40 else raw[:40] + "..."
+                problems.append(f"{s.env}={shown!r}: {exc} ({s.doc.split('.')[0]}).")
+        if values.get("model", "").strip() == "":
+            problems.append("BLIP_MODEL is empty: set a Hugging Face repo id, a local directory, "
+                            "`tiny-random` or `random-full`.")
+        device = values.get("device", "auto")
+        if device not in ("auto", "cpu", "cuda") and not (
+                device.startswith("cuda:") and device[5:].isdigit()):
+            problems.append(f"BLIP_DEVICE={device!r}: must be auto, cpu, cuda or cuda:N.")
+        if problems:
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+
+def defaults() -> Config:
+    """The configuration with every setting at its default (tests, docs)."""
+    return Config.from_env({})
+
+
+# Keep the dataclass fields and SETTINGS in lockstep (checked at import: pure, cheap).
+assert [f.name for f in dataclasses.fields(Config)] == [s.field for s in SETTINGS]
+

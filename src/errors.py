@@ -1,0 +1,37 @@
+"""One error shape for the whole worker.
+
+- ``JobError``: the job fails as a whole. The handler returns ``{"error": message}`` and RunPod
+  marks the job FAILED. Raised for invalid parameters, an unreachable single source, a zip over
+  its limits, or nothing left to caption.
+- ``ImageError``: one image fails; it becomes ``{"image_path": ..., "error": message}`` in the
+  output's ``errors`` list and every other image still gets its caption.
+
+Messages are written for the person who sent the job: they say what is wrong and how to fix it,
+name the field or the image, and never echo the input (which can be megabytes of base64).
+"""
+from __future__ import annotations
+
+
+class JobError(Exception):
+    """The whole job fails with this readable message."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class ImageError(Exception):
+    """One image fails with this readable message; the rest of the job goes on."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+def short(text: str, limit: int = 120) -> str:
+    """Shorten user-supplied text (a URL, a member name) for a message: never dump megabytes."""
+    text = str(text)
+    if text.startswith("data:"):
+        head = text.split(",", 1)[0]
+        return (head[:60] + ",...") if len(head) <= 60 else head[:60] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,38 @@
+"""Generation parameters: the part of a request that decides how captions are generated.
+
+Shared by the schema (which validates the request and builds a ``GenerationParams``) and the
+engines (which honour it). ``GenerationParams`` is frozen and hashable: images of different jobs
+ride in the same GPU batch only when their params are equal. The prompt is per image (rows are
+left-padded) and so is not part of it.
+
+Semantics (both engines): ``max_length`` / ``min_length`` count new caption tokens only (the
+prompt is not counted); eos is the "\\n" token; with ``use_nucleus_sampling`` one beam is used.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PROMPT = "a photo of"
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    num_beams: int = 3
+    max_length: int = 50
+    min_length: int = 5
+    use_nucleus_sampling: bool = False
+    top_p: float = 0.9
+    temperature: float = 1.0
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    num_captions: int = 1
+
+    @property
+    def effective_beams(self) -> int:
+        """Beams actually searched: sampling forces one beam (LAVIS behaviour)."""
+        return 1 if self.use_nucleus_sampling else self.num_beams
+
+    @property
+    def sequences_per_image(self) -> int:
+        """Rows the decoder carries per image; sizes the KV cache and memory per image."""
+        return max(self.effective_beams, self.num_captions)
