@@ -1,0 +1,389 @@
+"""Caption engine: owns the model — load, preprocess, generate, decode — behind a small,
+backend-neutral interface. No runpod import here.
+
+Interface (both engines, see ``BaseEngine``)::
+
+    engine = load_engine(cfg)                       # TransformersEngine, or LavisEngine (BLIP_ENGINE=lavis)
+    results = engine.caption(images, params, prompts="a photo of", batch_size=None)
+    results[i].captions   # list of num_captions strings for images[i] (input order)
+    results[i].error      # or a readable per-image error (e.g. out of memory even alone)
+
+Lower level, used by the batching pipeline (``batcher.py``) which feeds the GPU from worker
+threads: ``engine.preprocess(pil) -> tensor`` (CPU, thread-safe) and
+``engine.generate_with_fallback(pixels, prompts, params, batch_size)``.
+
+Generation semantics (the API contract): the prompt follows the 32 query tokens and BOS; the
+caption is the continuation without the prompt, stripped (``include_prompt`` prepends it);
+``max_length`` / ``min_length`` count new caption tokens; eos is "\\n"; sampling forces one
+beam; fp16 on CUDA (``BLIP_DTYPE`` overrides), fp32 on CPU. Results do not depend on the batch.
+
+Memory: every batch runs under ``torch.inference_mode()``. On ``torch.cuda.OutOfMemoryError``
+references are dropped, ``gc.collect()`` + ``torch.cuda.empty_cache()`` run, the batch is halved
+and the same chunk retried, down to 1; an image that fails alone gets a per-image error. The
+reduced size is kept for the rest of the call. ``BLIP_INJECT_OOM_ABOVE_BATCH=k`` makes any
+generate call with more than k images raise the OOM error (chaos testing, works on CPU).
+A corrupted CUDA context (illegal memory access, device-side assert, ...) is raised as
+``FatalDeviceError``: the worker must be replaced.
+"""
+from __future__ import annotations
+
+import functools
+import gc
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+import preprocess
+from config import Config
+from params import DEFAULT_PROMPT, GenerationParams
+
+log = logging.getLogger("blip.engine")
+
+CPU_DEFAULT_BATCH = 8
+MAX_AUTO_BATCH = 256
+
+# Messages of errors after which the CUDA context cannot be trusted (the process must go).
+_FATAL_CUDA_MARKERS = (
+    "illegal memory access", "device-side assert", "unspecified launch failure",
+    "cuda error: misaligned address", "cublas_status_execution_failed",
+    "cudnn_status_execution_failed", "an illegal instruction", "uncorrectable ecc",
+    "cuda error: unknown error",
+)
+
+
+class FatalDeviceError(RuntimeError):
+    """The GPU is in a state no job can recover from; RunPod must replace the worker."""
+
+
+def is_fatal_device_error(exc: BaseException) -> bool:
+    if isinstance(exc, FatalDeviceError):
+        return True
+    if isinstance(exc, torch.OutOfMemoryError) or not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc).lower()
+    return any(marker in text for marker in _FATAL_CUDA_MARKERS)
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError)
+
+
+@dataclass
+class CaptionResult:
+    captions: list[str] = field(default_factory=list)  # num_captions strings, best first
+    error: str | None = None
+
+    @property
+    def caption(self) -> str | None:
+        return self.captions[0] if self.captions else None
+
+
+def compose(prompt: str, continuation: str, include_prompt: bool) -> str:
+    """The caption a user sees: the continuation, or prompt + continuation."""
+    if not include_prompt:
+        return continuation
+    return f"{prompt.strip()} {continuation}".strip()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"BLIP_DEVICE={name!r} but no CUDA device is available; "
+                         "use BLIP_DEVICE=auto or cpu")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+class BaseEngine:
+    """Shared batching, OOM fallback, chaos injection and memory bookkeeping.
+
+    Subclasses set ``name``, ``model_id``, ``device``, ``dtype``, ``image_size`` and implement
+    ``preprocess`` and ``_generate``.
+    """
+
+    name = "base"
+    model_id = ""
+    image_size = preprocess.IMAGE_SIZE
+
+    def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype):
+        self.cfg = cfg
+        self.device = device
+        self.dtype = dtype
+        self.inject_oom_above = cfg.inject_oom_above_batch
+        self.max_batch_size = cfg.max_batch_size or CPU_DEFAULT_BATCH
+        self.load_s = 0.0
+        self.warmup_s = 0.0
+
+    # --- to implement ---------------------------------------------------------------------
+    def preprocess(self, img: Image.Image) -> torch.Tensor:
+        """One PIL image -> one CPU tensor ready to stack. Thread-safe."""
+        raise NotImplementedError
+
+    def _generate(self, pixels: torch.Tensor, prompts: Sequence[str],
+                  params: GenerationParams) -> list[list[str]]:
+        """Caption a stacked batch: per image, ``num_captions`` continuations (prompt removed,
+        stripped, no newline), best first."""
+        raise NotImplementedError
+
+    # --- shared ---------------------------------------------------------------------------
+    def batch_limit(self, params: GenerationParams) -> int:
+        """Largest batch for these params (the request's ``batch_size`` may lower it)."""
+        return self.max_batch_size
+
+    def generate_batch(self, pixels: torch.Tensor, prompts: Sequence[str],
+                       params: GenerationParams) -> list[list[str]]:
+        n = pixels.shape[0]
+        if len(prompts) != n:
+            raise ValueError(f"{n} images but {len(prompts)} prompts")
+        if self.inject_oom_above is not None and n > self.inject_oom_above:
+            raise torch.OutOfMemoryError(
+                f"injected out-of-memory for a batch of {n} (BLIP_INJECT_OOM_ABOVE_BATCH="
+                f"{self.inject_oom_above})")
+        try:
+            with torch.inference_mode():
+                out = self._generate(pixels, prompts, params)
+        except RuntimeError as exc:
+            if is_fatal_device_error(exc) and not isinstance(exc, FatalDeviceError):
+                raise FatalDeviceError(str(exc).splitlines()[0]) from exc
+            raise
+        if len(out) != n:  # pragma: no cover - engine bug guard
+            raise AssertionError(f"engine returned {len(out)} results for {n} images")
+        return out
+
+    def generate_with_fallback(self, pixels: Sequence[torch.Tensor], prompts: Sequence[str],
+                               params: GenerationParams, batch_size: int
+                               ) -> tuple[list[CaptionResult], int]:
+        """Caption ``pixels`` in chunks of ``batch_size``, halving on OOM down to 1.
+
+        Returns results in input order and the batch size that finally worked (keep using it).
+        """
+        results: list[CaptionResult] = []
+        size = max(1, batch_size)
+        i = 0
+        while i < len(pixels):
+            chunk = slice(i, i + size)
+            try:
+                batch = torch.stack(list(pixels[chunk]))
+                out = self.generate_batch(batch, prompts[chunk], params)
+            except torch.OutOfMemoryError as exc:
+                batch = None
+                self.free_memory()
+                if size == 1:
+                    log.warning("out of memory on a single image; giving up on it")
+                    results.append(CaptionResult(error=oom_message(params, exc)))
+                    i += 1
+                else:
+                    size = max(1, size // 2)
+                    log.warning("out of memory at batch %d; retrying at %d", size * 2, size)
+                continue
+            results.extend(CaptionResult(captions=c) for c in out)
+            i += len(out)
+        return results, size
+
+    def caption(self, images: Sequence[Image.Image], params: GenerationParams | None = None,
+                prompts: str | Sequence[str] = DEFAULT_PROMPT, batch_size: int | None = None,
+                include_prompt: bool = False) -> list[CaptionResult]:
+        """Caption PIL images in input order (the simple, synchronous path)."""
+        params = params or GenerationParams()
+        if isinstance(prompts, str):
+            prompts = [prompts] * len(images)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        limit = self.batch_limit(params)
+        size = min(batch_size, limit) if batch_size else limit
+        pixels = [self.preprocess(img) for img in images]
+        results, _ = self.generate_with_fallback(pixels, list(prompts), params, size)
+        for res, prompt in zip(results, prompts):
+            res.captions = [compose(prompt, c, include_prompt) for c in res.captions]
+        return results
+
+    def warmup(self) -> float:
+        t0 = time.perf_counter()
+        img = Image.new("RGB", (self.image_size, self.image_size), (127, 127, 127))
+        self.generate_batch(self.preprocess(img).unsqueeze(0), [DEFAULT_PROMPT],
+                            GenerationParams(num_beams=1, max_length=2, min_length=0))
+        self.warmup_s = time.perf_counter() - t0
+        return self.warmup_s
+
+    def free_memory(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def memory_stats(self) -> dict[str, float]:
+        if self.device.type != "cuda":
+            return {}
+        gib = 2.0 ** 30
+        return {"allocated_gib": round(torch.cuda.memory_allocated(self.device) / gib, 2),
+                "reserved_gib": round(torch.cuda.memory_reserved(self.device) / gib, 2),
+                "peak_gib": round(torch.cuda.max_memory_allocated(self.device) / gib, 2)}
+
+    def release_memory(self) -> dict[str, float]:
+        """After a job: return cached blocks to the driver and report memory."""
+        self.free_memory()
+        stats = self.memory_stats()
+        if stats:
+            log.info("GPU memory after job: %s", stats)
+        return stats
+
+
+def oom_message(params: GenerationParams, exc: BaseException) -> str:
+    return ("out of GPU memory even when captioned alone "
+            f"(num_beams={params.num_beams}, max_length={params.max_length}, "
+            f"num_captions={params.num_captions}); lower num_beams, max_length or num_captions")
+
+
+class TransformersEngine(BaseEngine):
+    """BLIP-2 on Hugging Face transformers (``Blip2ForConditionalGeneration``)."""
+
+    name = "transformers"
+
+    def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype, loaded):
+        super().__init__(cfg, device, dtype)
+        self.m = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.model_id = loaded.model_id
+        self.image_size = loaded.image_size
+        self.load_s = loaded.load_s
+        self._pin = device.type == "cuda"
+        self._prompt_ids = functools.lru_cache(maxsize=1024)(self._tokenize_prompt)
+        self._kv_bytes_per_token = self._kv_cache_bytes_per_token()
+        self.max_batch_size = cfg.max_batch_size or self._auto_batch_size()
+        log.info("max batch size %d (%s)", self.max_batch_size,
+                 "BLIP_MAX_BATCH_SIZE" if cfg.max_batch_size else
+                 "auto: " + ("free GPU memory" if device.type == "cuda" else "CPU default"))
+
+    @classmethod
+    def load(cls, cfg: Config) -> "TransformersEngine":
+        import modeling
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device)
+        loaded = modeling.load_model(cfg.model, device, dtype)
+        log.info("loaded %s on %s in %s in %.1fs", loaded.model_id, device,
+                 str(dtype).replace("torch.", ""), loaded.load_s)
+        return cls(cfg, device, dtype, loaded)
+
+    # --- memory sizing --------------------------------------------------------------------
+    def _kv_cache_bytes_per_token(self) -> int:
+        text = self.model.config.text_config
+        return 2 * text.num_hidden_layers * text.hidden_size * torch.finfo(self.dtype).bits // 8
+
+    def _auto_batch_size(self) -> int:
+        if self.device.type != "cuda":
+            return CPU_DEFAULT_BATCH
+        free, _total = torch.cuda.mem_get_info(self.device)
+        return max(1, min(MAX_AUTO_BATCH, self._batch_for_bytes(free, GenerationParams())))
+
+    def _bytes_per_image(self, params: GenerationParams) -> int:
+        """Rough peak bytes one image costs during generate: the decoder's KV cache for every
+        beam/caption row, logits over the vocabulary, and the vision encoder's activations."""
+        tokens = self.m.num_query_tokens + 16 + params.max_length
+        rows = params.sequences_per_image
+        vocab = self.model.config.text_config.vocab_size
+        kv = rows * tokens * self._kv_bytes_per_token
+        logits = rows * vocab * 4 * 2
+        vision = self.model.config.vision_config
+        patches = (self.image_size // vision.patch_size) ** 2 + 1
+        encoder = patches * vision.intermediate_size * 2 * 4
+        return kv * 2 + logits + encoder  # x2: beam reordering copies the cache
+
+    def _batch_for_bytes(self, free_bytes: int, params: GenerationParams) -> int:
+        budget = free_bytes * 0.7
+        return int(budget // self._bytes_per_image(params))
+
+    def batch_limit(self, params: GenerationParams) -> int:
+        if self.cfg.max_batch_size or self.device.type != "cuda":
+            return self.max_batch_size
+        # Size for these params: many beams and long captions need more memory per image.
+        free, _total = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return max(1, min(self.max_batch_size, self._batch_for_bytes(free, params)))
+
+    # --- preprocessing --------------------------------------------------------------------
+    def preprocess(self, img: Image.Image) -> torch.Tensor:
+        """uint8 (3, S, S): resized on the CPU; normalised on the device in ``_generate``."""
+        return preprocess.to_uint8(img, self.image_size)
+
+    def _tokenize_prompt(self, prompt: str) -> tuple[int, ...]:
+        # split_special_tokens: a prompt saying "<image>" or "</s>" is plain text, never a
+        # control token (it could otherwise add a 33rd image slot or end the prompt early).
+        return tuple(self.tokenizer(prompt, add_special_tokens=True,
+                                    split_special_tokens=True).input_ids)
+
+    def build_inputs(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded rows of ``<image>`` x 32 + BOS + prompt, and their attention mask."""
+        rows = [(self.m.image_token_id,) * self.m.num_query_tokens + self._prompt_ids(p)
+                for p in prompts]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.m.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+        # Sanity guard: every row carries exactly 32 image tokens, or transformers would
+        # silently caption without the image.
+        if not bool((ids == self.m.image_token_id).sum(1).eq(self.m.num_query_tokens).all()):
+            raise AssertionError("every row must carry exactly the 32 <image> tokens")
+        return ids, mask
+
+    def _generation_kwargs(self, params: GenerationParams) -> dict:
+        kw = dict(max_new_tokens=params.max_length, num_beams=params.effective_beams,
+                  num_return_sequences=params.num_captions, do_sample=params.use_nucleus_sampling,
+                  repetition_penalty=params.repetition_penalty,
+                  eos_token_id=self.m.eos_token_id, pad_token_id=self.m.pad_token_id)
+        if params.min_length:
+            kw["min_new_tokens"] = params.min_length
+        if params.use_nucleus_sampling:
+            kw.update(top_p=params.top_p, temperature=params.temperature)
+        if params.effective_beams > 1:
+            kw["length_penalty"] = params.length_penalty
+        return kw
+
+    def _generate(self, pixels: torch.Tensor, prompts: Sequence[str],
+                  params: GenerationParams) -> list[list[str]]:
+        ids, mask = self.build_inputs(prompts)
+        if self._pin:
+            pixels = pixels.pin_memory()
+        pixels = preprocess.normalize(pixels.to(self.device, non_blocking=True), self.dtype)
+        ids = ids.to(self.device, non_blocking=True)
+        mask = mask.to(self.device, non_blocking=True)
+        out = self.model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask,
+                                  **self._generation_kwargs(params))
+        new = out[:, ids.shape[1]:].tolist()
+        texts = [self._decode(seq) for seq in new]
+        k = params.num_captions
+        return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
+
+    def _decode(self, seq: list[int]) -> str:
+        eos = self.m.eos_token_id
+        if eos in seq:
+            seq = seq[:seq.index(eos)]
+        return self.tokenizer.decode(seq, skip_special_tokens=True).strip()
+
+
+def load_engine(cfg: Config) -> BaseEngine:
+    """Build the configured engine, load its model and warm it up (``BLIP_WARMUP``)."""
+    if cfg.engine == "lavis":
+        from engine_lavis import LavisEngine  # separate environment (requirements-lavis.txt)
+        engine: BaseEngine = LavisEngine.load(cfg)
+    else:
+        engine = TransformersEngine.load(cfg)
+    if cfg.warmup:
+        log.info("warm-up caption in %.2fs", engine.warmup())
+    return engine
+
+
+__all__ = ["BaseEngine", "TransformersEngine", "CaptionResult", "FatalDeviceError",
+           "load_engine", "compose", "is_fatal_device_error", "is_oom"]
