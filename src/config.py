@@ -53,6 +53,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("inject_oom_above_batch", "BLIP_INJECT_OOM_ABOVE_BATCH", "opt_int", None,
             "Chaos knob: any generate call with more images than this raises an out-of-memory "
             "error (also on CPU). Unset in production.", lo=0, hi=100000),
+    Setting("decoder", "BLIP_DECODER", "choice", "fast",
+            "Decoding loop of the transformers engine: `fast` (prompt prefilled once per image "
+            "and shared by its beams; same tokens as transformers) or `hf` (transformers' own "
+            "generate).", choices=("fast", "hf")),
     Setting("warmup", "BLIP_WARMUP", "bool", True,
             "Run one tiny caption after loading so the first job is not slow."),
     Setting("batch_wait_ms", "BLIP_BATCH_WAIT_MS", "float", 5.0,
@@ -93,6 +97,8 @@ SETTINGS: tuple[Setting, ...] = (
             "First retry delay in seconds; doubles on each retry.", lo=0, hi=60),
     Setting("work_dir", "WORK_DIR", "str", "",
             "Parent directory for each job's private temporary directory; empty = system temp."),
+    Setting("log_level", "BLIP_LOG_LEVEL", "choice", "INFO",
+            "Log level of the worker's own messages.", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
 )
 
 
@@ -142,6 +148,7 @@ class Config:
     device: str
     max_batch_size: int
     inject_oom_above_batch: int | None
+    decoder: str
     warmup: bool
     batch_wait_ms: float
     max_concurrent_jobs: int
@@ -159,6 +166,7 @@ class Config:
     download_retries: int
     retry_backoff_s: float
     work_dir: str
+    log_level: str
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Config":

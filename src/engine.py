@@ -17,6 +17,10 @@ caption is the continuation without the prompt, stripped (``include_prompt`` pre
 ``max_length`` / ``min_length`` count new caption tokens; eos is "\\n"; sampling forces one
 beam; fp16 on CUDA (``BLIP_DTYPE`` overrides), fp32 on CPU. Results do not depend on the batch.
 
+Decoding (``BLIP_DECODER``): ``fast`` (default) runs ``fastgen.FastGenerator``, which prefills
+each image's prompt once and shares it across beams — the same tokens as transformers'
+``generate``, which ``hf`` runs.
+
 Memory: every batch runs under ``torch.inference_mode()``. On ``torch.cuda.OutOfMemoryError``
 references are dropped, ``gc.collect()`` + ``torch.cuda.empty_cache()`` run, the batch is halved
 and the same chunk retried, down to 1; an image that fails alone gets a per-image error. The
@@ -258,6 +262,16 @@ class TransformersEngine(BaseEngine):
         self.image_size = loaded.image_size
         self.load_s = loaded.load_s
         self._pin = device.type == "cuda"
+        self.fast = None
+        if cfg.decoder == "fast":
+            import fastgen
+            if fastgen.supports(self.model):
+                self.fast = fastgen.FastGenerator(self.model, loaded.eos_token_id,
+                                                  loaded.pad_token_id)
+            else:
+                log.warning("BLIP_DECODER=fast does not support this language model; "
+                            "using transformers' generate")
+        self.decoder = "fast" if self.fast is not None else "hf"
         self._prompt_ids = functools.lru_cache(maxsize=1024)(self._tokenize_prompt)
         self._kv_bytes_per_token = self._kv_cache_bytes_per_token()
         self.max_batch_size = cfg.max_batch_size or self._auto_batch_size()
@@ -287,17 +301,19 @@ class TransformersEngine(BaseEngine):
         return max(1, min(MAX_AUTO_BATCH, self._batch_for_bytes(free, GenerationParams())))
 
     def _bytes_per_image(self, params: GenerationParams) -> int:
-        """Rough peak bytes one image costs during generate: the decoder's KV cache for every
-        beam/caption row, logits over the vocabulary, and the vision encoder's activations."""
-        tokens = self.m.num_query_tokens + 16 + params.max_length
+        """Rough peak bytes one image costs during generate: the decoder's KV cache, logits over
+        the vocabulary for every row, and the vision encoder's activations."""
+        prompt = self.m.num_query_tokens + 16
         rows = params.sequences_per_image
-        vocab = self.model.config.text_config.vocab_size
-        kv = rows * tokens * self._kv_bytes_per_token
-        logits = rows * vocab * 4 * 2
+        if self.fast is not None:  # prompt cache once per image, generated tokens per row
+            kv = (prompt + rows * params.max_length) * self._kv_bytes_per_token * 2
+        else:  # a full cache per row, and concatenation copies it
+            kv = rows * (prompt + params.max_length) * self._kv_bytes_per_token * 2
+        logits = rows * self.model.config.text_config.vocab_size * 4 * 3
         vision = self.model.config.vision_config
         patches = (self.image_size // vision.patch_size) ** 2 + 1
         encoder = patches * vision.intermediate_size * 2 * 4
-        return kv * 2 + logits + encoder  # x2: beam reordering copies the cache
+        return kv + logits + encoder
 
     def _batch_for_bytes(self, free_bytes: int, params: GenerationParams) -> int:
         budget = free_bytes * 0.7
@@ -345,8 +361,8 @@ class TransformersEngine(BaseEngine):
                   eos_token_id=self.m.eos_token_id, pad_token_id=self.m.pad_token_id)
         if params.min_length:
             kw["min_new_tokens"] = params.min_length
-        if params.use_nucleus_sampling:
-            kw.update(top_p=params.top_p, temperature=params.temperature)
+        if params.use_nucleus_sampling:  # top_k 50: transformers' default, explicit here
+            kw.update(top_p=params.top_p, temperature=params.temperature, top_k=50)
         if params.effective_beams > 1:
             kw["length_penalty"] = params.length_penalty
         return kw
@@ -359,10 +375,13 @@ class TransformersEngine(BaseEngine):
         pixels = preprocess.normalize(pixels.to(self.device, non_blocking=True), self.dtype)
         ids = ids.to(self.device, non_blocking=True)
         mask = mask.to(self.device, non_blocking=True)
-        out = self.model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask,
-                                  **self._generation_kwargs(params))
-        new = out[:, ids.shape[1]:].tolist()
-        texts = [self._decode(seq) for seq in new]
+        if self.fast is not None:
+            rows = self.fast.generate(pixels, ids, mask, params)
+        else:
+            out = self.model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask,
+                                      **self._generation_kwargs(params))
+            rows = out[:, ids.shape[1]:].tolist()
+        texts = [self._decode(seq) for seq in rows]
         k = params.num_captions
         return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
 

@@ -9,8 +9,8 @@ import modeling
 from engine import CaptionResult, FatalDeviceError, TransformersEngine
 from params import GenerationParams
 
-GREEDY = GenerationParams(num_beams=1, max_length=20, min_length=5)
-BEAMS3 = GenerationParams(num_beams=3, max_length=20, min_length=5)
+GREEDY = GenerationParams(num_beams=1, max_length=12, min_length=5)
+BEAMS3 = GenerationParams(num_beams=3, max_length=12, min_length=5)
 
 
 def tiny_cfg(**env):

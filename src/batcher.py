@@ -1,0 +1,187 @@
+"""Cross-job batching: one GPU thread captions images from every running job.
+
+Jobs submit one preprocessed image at a time (``submit`` returns a ``Future``). The GPU thread
+takes the oldest waiting image, fills a batch with waiting images whose ``GenerationParams``
+are equal (prompts may differ: rows are left-padded), waits up to ``BLIP_BATCH_WAIT_MS`` for
+more when the batch is not full, runs it through ``engine.generate_with_fallback`` and resolves
+each image's future. So 64 one-image jobs arriving together ride in one or a few GPU batches
+instead of 64, and a 1000-image job keeps the GPU busy while its downloads continue.
+
+Rules:
+- A job's own ``batch_size`` caps every batch its images ride in.
+- The largest batch per params is ``engine.batch_limit(params)``; after an out-of-memory
+  fallback the reduced size is kept for that params until the queue drains.
+- Images are taken oldest first, so no job starves.
+- A ``FatalDeviceError`` (corrupted CUDA context) fails that batch's images with it; any other
+  exception from the engine fails that batch's images with the exception; nothing hangs.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from engine import BaseEngine, CaptionResult
+from params import GenerationParams
+
+log = logging.getLogger("blip.batcher")
+_NO_CAP = 1 << 30
+
+
+@dataclass(eq=False)  # identity, not field equality (fields hold tensors)
+class _Item:
+    pixels: torch.Tensor
+    prompt: str
+    params: GenerationParams
+    cap: int  # the job's batch_size (or the engine limit)
+    future: Future
+    on_batch: Callable[[int], None] | None  # called once per batch with this job's count
+    submitted: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    def __init__(self, engine: BaseEngine, wait_ms: float = 5.0):
+        self.engine = engine
+        self.wait_s = max(0.0, wait_ms) / 1000.0
+        self._queue: deque[_Item] = deque()
+        self._cv = threading.Condition()
+        self._oom_caps: dict[GenerationParams, int] = {}
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.batches_run = 0
+        self.batch_sizes: list[int] = []  # recent batch sizes (bench / tests)
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def start(self) -> "Batcher":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="gpu-batcher", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    # --- API ------------------------------------------------------------------------------
+    def submit(self, pixels: torch.Tensor, prompt: str, params: GenerationParams,
+               batch_size: int | None = None,
+               on_batch: Callable[[int], None] | None = None) -> Future:
+        """Queue one preprocessed image; the future resolves to a ``CaptionResult``."""
+        future: Future = Future()
+        # No job cap -> only the engine's limit applies, computed when the batch is formed
+        # (free memory is only meaningful between batches).
+        cap = batch_size if batch_size else _NO_CAP
+        item = _Item(pixels, prompt, params, max(1, cap), future, on_batch)
+        with self._cv:
+            if self._stop:
+                raise RuntimeError("the GPU batcher is stopped")
+            self._queue.append(item)
+            self._cv.notify()
+        return future
+
+    def pending(self) -> int:
+        with self._cv:
+            return len(self._queue)
+
+    # --- GPU thread -----------------------------------------------------------------------
+    def _limit_for(self, params: GenerationParams) -> int:
+        limit = self.engine.batch_limit(params)
+        return min(limit, self._oom_caps.get(params, limit))
+
+    def _take_batch(self) -> list[_Item] | None:
+        """Wait for work, then pick the oldest item's group (under the lock)."""
+        with self._cv:
+            while not self._queue and not self._stop:
+                self._oom_caps.clear()  # the queue drained: forget OOM-reduced sizes
+                self._cv.wait()
+            if self._stop:
+                return None
+            head = self._queue[0]
+            limit = min(self._limit_for(head.params), head.cap)
+            deadline = head.submitted + self.wait_s
+            while True:
+                batch = self._select(head.params, limit)
+                remaining = deadline - time.monotonic()
+                if len(batch) >= limit or remaining <= 0 or self._stop:
+                    break
+                self._cv.wait(timeout=remaining)
+            for item in batch:
+                self._queue.remove(item)
+            return batch
+
+    def _select(self, params: GenerationParams, limit: int) -> list[_Item]:
+        batch: list[_Item] = []
+        cap = limit
+        for item in self._queue:
+            if item.params != params:
+                continue
+            new_cap = min(cap, item.cap)
+            if len(batch) + 1 > new_cap:
+                continue
+            batch.append(item)
+            cap = new_cap
+            if len(batch) >= cap:
+                break
+        return batch
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                batch = self._take_batch()
+            except Exception as exc:  # noqa: BLE001 - a scheduler bug must not hang every job
+                log.exception("batch selection failed; failing the queued images")
+                self._fail_queued(exc)
+                continue
+            if batch is None:
+                return
+            self._run(batch)
+
+    def _fail_queued(self, exc: BaseException) -> None:
+        with self._cv:
+            items, self._queue = list(self._queue), deque()
+        for item in items:
+            if item.future.set_running_or_notify_cancel():
+                item.future.set_exception(exc)
+
+    def _run(self, batch: list[_Item]) -> None:
+        params = batch[0].params
+        live = [it for it in batch if it.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        size = len(live)
+        try:
+            results, worked = self.engine.generate_with_fallback(
+                [it.pixels for it in live], [it.prompt for it in live], params, size)
+        except BaseException as exc:  # noqa: BLE001 - every future must resolve
+            log.error("batch of %d failed: %s: %s", size, type(exc).__name__, exc)
+            for it in live:
+                it.future.set_exception(exc)
+            return
+        if worked < size:
+            self._oom_caps[params] = worked
+        self.batches_run += 1
+        self.batch_sizes = (self.batch_sizes + [size])[-1000:]
+        counts: dict[int, tuple[Callable[[int], None], int]] = {}
+        for it, res in zip(live, results):
+            it.future.set_result(res)
+            if it.on_batch is not None:
+                cb, n = counts.get(id(it.on_batch), (it.on_batch, 0))
+                counts[id(it.on_batch)] = (cb, n + 1)
+        for cb, n in counts.values():
+            try:
+                cb(n)
+            except Exception as exc:  # noqa: BLE001 - progress is never fatal
+                log.warning("progress callback failed: %s", exc)
+
+
+__all__ = ["Batcher", "CaptionResult"]

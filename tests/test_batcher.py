@@ -1,0 +1,147 @@
+"""Cross-job batching on the tiny model: results are routed back to the right submitter."""
+import threading
+
+import pytest
+
+import config
+import engine as engine_mod
+from batcher import Batcher
+from params import GenerationParams
+from test_engine import distinct_images
+
+GREEDY = GenerationParams(num_beams=1, max_length=12, min_length=3)
+BEAMS = GenerationParams(num_beams=3, max_length=12, min_length=3)
+
+
+@pytest.fixture(scope="module")
+def eng():
+    return engine_mod.load_engine(config.Config.from_env(
+        {"BLIP_MODEL": "tiny-random", "BLIP_MAX_BATCH_SIZE": "16"}))
+
+
+@pytest.fixture
+def batcher(eng):
+    b = Batcher(eng, wait_ms=50).start()
+    yield b
+    b.stop()
+
+
+def reference(eng, imgs, params, prompt="a photo of"):
+    return [r.caption for r in eng.caption(imgs, params, prompts=prompt, batch_size=1)]
+
+
+def submit_concurrently(batcher, eng, imgs, params, batch_size=None, prompts=None):
+    """One thread per image, released together: like many one-image jobs arriving at once."""
+    futures = [None] * len(imgs)
+    gate = threading.Barrier(len(imgs))
+
+    def one(i):
+        px = eng.preprocess(imgs[i])
+        gate.wait()
+        futures[i] = batcher.submit(px, prompts[i] if prompts else "a photo of", params,
+                                    batch_size)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(imgs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [f.result(timeout=60) for f in futures]
+
+
+def test_concurrent_submissions_share_batches_and_get_their_own_caption(batcher, eng):
+    imgs = distinct_images(12)
+    results = submit_concurrently(batcher, eng, imgs, BEAMS)
+    assert [r.caption for r in results] == reference(eng, imgs, BEAMS)
+    assert len(set(r.caption for r in results)) == 12
+    assert max(batcher.batch_sizes) > 1, batcher.batch_sizes
+    assert batcher.batches_run < 12
+
+
+def test_mixed_prompts_ride_together_and_stay_correct(batcher, eng):
+    imgs = distinct_images(6)
+    prompts = ["a photo of", "a", "an image of", "a photo of", "x y z", "a"]
+    results = submit_concurrently(batcher, eng, imgs, GREEDY, prompts=prompts)
+    want = [reference(eng, [im], GREEDY, p)[0] for im, p in zip(imgs, prompts)]
+    assert [r.caption for r in results] == want
+
+
+def test_a_jobs_batch_size_caps_its_batches(batcher, eng):
+    before = len(batcher.batch_sizes)
+    submit_concurrently(batcher, eng, distinct_images(9), GREEDY, batch_size=2)
+    assert max(batcher.batch_sizes[before:]) <= 2
+
+
+def test_different_params_never_share_a_batch(eng, monkeypatch):
+    seen = []
+    real = eng.generate_with_fallback
+
+    def spy(pixels, prompts, params, size):
+        seen.append(params)
+        return real(pixels, prompts, params, size)
+
+    monkeypatch.setattr(eng, "generate_with_fallback", spy)
+    b = Batcher(eng, wait_ms=50).start()
+    try:
+        imgs = distinct_images(8)
+        futures = [b.submit(eng.preprocess(im), "a photo of", GREEDY if i % 2 else BEAMS)
+                   for i, im in enumerate(imgs)]
+        got = [f.result(timeout=60).caption for f in futures]
+    finally:
+        b.stop()
+    want = [reference(eng, [im], GREEDY if i % 2 else BEAMS)[0] for i, im in enumerate(imgs)]
+    assert got == want
+    assert set(seen) == {GREEDY, BEAMS} and len(seen) >= 2
+
+
+def test_injected_oom_shrinks_batches_and_loses_nothing():
+    cfg = config.Config.from_env({"BLIP_MODEL": "tiny-random", "BLIP_MAX_BATCH_SIZE": "8",
+                                  "BLIP_INJECT_OOM_ABOVE_BATCH": "2", "BLIP_WARMUP": "0"})
+    eng = engine_mod.load_engine(cfg)
+    b = Batcher(eng, wait_ms=50).start()
+    try:
+        imgs = distinct_images(8)
+        results = submit_concurrently(b, eng, imgs, GREEDY)
+    finally:
+        b.stop()
+    assert all(r.error is None for r in results)
+    assert [r.caption for r in results] == reference(eng, imgs, GREEDY)
+
+
+def test_an_engine_exception_fails_only_that_batch(eng, monkeypatch):
+    real = eng.generate_with_fallback
+    calls = []
+
+    def flaky(pixels, prompts, params, size):
+        calls.append(len(pixels))
+        if prompts[0] == "boom":
+            raise RuntimeError("engine exploded")
+        return real(pixels, prompts, params, size)
+
+    monkeypatch.setattr(eng, "generate_with_fallback", flaky)
+    b = Batcher(eng, wait_ms=0).start()
+    try:
+        px = eng.preprocess(distinct_images(1)[0])
+        bad = b.submit(px, "boom", GREEDY, batch_size=1)
+        good = b.submit(px, "a photo of", GREEDY, batch_size=1)
+        with pytest.raises(RuntimeError, match="exploded"):
+            bad.result(timeout=60)
+        assert good.result(timeout=60).error is None
+    finally:
+        b.stop()
+
+
+def test_progress_callback_counts_every_image_once(batcher, eng):
+    counted = []
+    futures = [batcher.submit(eng.preprocess(im), "a photo of", GREEDY, None, counted.append)
+               for im in distinct_images(5)]
+    for f in futures:
+        f.result(timeout=60)
+    assert sum(counted) == 5
+
+
+def test_stopped_batcher_refuses_work(eng):
+    b = Batcher(eng).start()
+    b.stop()
+    with pytest.raises(RuntimeError, match="stopped"):
+        b.submit(eng.preprocess(distinct_images(1)[0]), "a", GREEDY)
