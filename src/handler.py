@@ -1,0 +1,123 @@
+"""RunPod entry point: thin glue between runpod and ``jobs.Worker``.
+
+    python src/handler.py                          # runs ./test_input.json and exits
+    python src/handler.py --test_input '{"input": {...}}'
+    python src/handler.py --rp_serve_api --rp_api_port 8000   # local /run, /runsync, /status
+    (on RunPod the same command takes jobs from the endpoint's queue)
+
+``main()`` validates the configuration and loads the model before any job is taken: a bad
+setting or missing weights print one clear message and exit non-zero. The handler is async and
+hands each job to a thread, so RunPod (``concurrency_modifier`` = ``MAX_CONCURRENT_JOBS``) can
+run several jobs at once and their images share GPU batches. Nothing loads at import.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from config import Config, ConfigError
+
+log = logging.getLogger("blip.handler")
+
+_worker = None  # jobs.Worker, set by setup()
+_executor: ThreadPoolExecutor | None = None
+_max_jobs = 1
+
+
+async def handler(job: dict) -> dict:
+    """Caption one job. Returns the output dict or ``{"error": ...}``; never raises."""
+    job_id = str(job.get("id", "local")) if isinstance(job, dict) else "local"
+    if _worker is None:
+        return {"error": "the worker is not initialised: start it with `python src/handler.py`"}
+    job_input = job.get("input") if isinstance(job, dict) else None
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_executor, _worker.run, job_input, job_id,
+                                      _progress_reporter(job))
+
+
+def concurrency_modifier(current: int) -> int:
+    """How many jobs RunPod may hand this worker at once (MAX_CONCURRENT_JOBS)."""
+    return _max_jobs
+
+
+def _progress_reporter(job: dict):
+    on_runpod = bool(os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"))
+
+    def report(done: int, total: int | None) -> None:
+        text = f"captioned {done}/{total} images" if total else f"captioned {done} images so far"
+        if on_runpod:
+            import runpod
+            runpod.serverless.progress_update(job, text)
+        else:
+            log.debug("job %s: %s", job.get("id"), text)
+
+    return report
+
+
+def setup(cfg: Config):
+    """Load the model and start the worker (also used by tests and the benchmark)."""
+    global _worker, _executor, _max_jobs
+    import engine
+    import jobs
+    eng = engine.load_engine(cfg)
+    gpu = eng.device.type == "cuda"
+    _max_jobs = cfg.max_concurrent_jobs or (16 if gpu else 4)
+    _executor = ThreadPoolExecutor(_max_jobs, thread_name_prefix="job")
+    _worker = jobs.Worker(cfg, eng)
+    log.info("ready: model %s, engine %s, device %s, up to %d concurrent jobs",
+             eng.model_id, eng.name, eng.device, _max_jobs)
+    return _worker
+
+
+class _RunPodLogHandler(logging.Handler):
+    """Send the worker's log records through runpod's logger (RunPod's log format)."""
+
+    def __init__(self):
+        super().__init__()
+        from runpod import RunPodLogger
+        self.rp = RunPodLogger()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = {"WARNING": "warn", "CRITICAL": "error"}.get(record.levelname,
+                                                            record.levelname.lower())
+        try:
+            getattr(self.rp, level, self.rp.info)(self.format(record))
+        except Exception:  # noqa: BLE001 - logging must never break a job
+            self.handleError(record)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    root = logging.getLogger("blip")
+    if not any(isinstance(h, _RunPodLogHandler) for h in root.handlers):
+        root.addHandler(_RunPodLogHandler())
+    root.setLevel(level)
+    root.propagate = False
+
+
+def main() -> int:
+    # runpod logs at DEBUG by default, which echoes whole jobs (megabytes of base64) into the
+    # logs; INFO unless the operator asks otherwise (RUNPOD_LOG_LEVEL / --rp_log_level).
+    os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
+    try:
+        cfg = Config.from_env()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(cfg.log_level)
+    import modeling
+    try:
+        setup(cfg)
+    except (modeling.ModelLoadError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    import runpod
+    runpod.serverless.start({"handler": handler, "concurrency_modifier": concurrency_modifier})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

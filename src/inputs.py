@@ -1,0 +1,759 @@
+"""Inputs: from a job's sources (URLs, data: URIs, zips of images) to decoded RGB images.
+
+``JobInputs(sources, single, cfg)`` is a context manager that owns one private temporary
+directory and one bounded download pool per job. Iterating it yields ``ImageSource`` (one image
+ready to decode) and ``ImageFailure`` (one image that failed) AS THEY BECOME READY, so the caller
+can decode and caption while downloads continue; ``order`` gives the final output order.
+``decode_image(src, cfg)`` turns an ``ImageSource`` into a PIL RGB image (thread-safe).
+
+Fetching:
+- Sources are http(s) URLs or base64 data: URIs; anything else is refused naming the field.
+- Downloads go through runpod's ``rp_ssrf.safe_get`` (non-public addresses refused, every
+  redirect hop re-checked; ``RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS=true`` opens private addresses).
+  They run concurrently (DOWNLOAD_CONCURRENCY per job), with connect/read timeouts and a total
+  deadline per file, retries included (DOWNLOAD_DEADLINE_S). A slow drip never trips a read
+  timeout, so a watchdog timer shuts the socket down at the deadline, which ends a blocked read.
+  Connection errors, timeouts and 5xx answers are retried with exponential backoff; 4xx never.
+  Identity encoding is requested; a server that compresses anyway is decoded by urllib3, whose
+  decoder bounds its output per read, and the cap counts decoded bytes (gzip bombs stop there).
+- The type comes from the content (magic bytes), never from the URL or Content-Type. The size
+  cap is enforced while streaming: the larger of MAX_IMAGE_BYTES / MAX_ZIP_BYTES until the first
+  bytes tell the type, then that type's cap; reading stops at the cap whatever Content-Length
+  said. Files are streamed into the job directory, named by source index, never held in memory.
+
+Zips (read in place, nothing is ever extracted, so zip-slip names are just labels):
+- Skipped and counted in ``skipped``: directories, ``__MACOSX/``, hidden files (a path component
+  starting with "."), and members whose content is not an image unless their name says it should
+  be one (``x.jpg`` holding text is a per-image error, ``notes.txt`` is skipped).
+- Per-image errors: symlink members, encrypted members, compression other than stored/deflate,
+  a member over MAX_IMAGE_BYTES, a zip inside the zip, a damaged member.
+- Job errors, checked from the central directory before anything is decompressed: more image
+  candidates than MAX_IMAGES_PER_JOB, more than MAX_ZIP_UNCOMPRESSED_BYTES in total, or a member
+  whose compression ratio exceeds MAX_ZIP_RATIO (members under ``RATIO_FLOOR`` = 64 KiB
+  uncompressed are exempt: tiny files compress wildly without being bombs). While reading, a
+  member never yields more than its declared size (zipfile stops there and checks the CRC), so
+  a lying header is a per-image error. An unreadable zip fails the job when it is ``data_url``.
+- Members come out sorted by path. The total across all sources is capped by MAX_IMAGES_PER_JOB.
+
+Labels (``image_path``): the URL for an image URL; ``data_url`` / ``data_urls[i]`` for inline
+data; a zip member's path, prefixed by the zip's label (``f"{label}/{member}"``) when the job
+has several sources.
+
+Decoding: PIL limited to the formats above; width*height checked against MAX_IMAGE_PIXELS right
+after ``Image.open`` (before pixels load); JPEGs decode in draft mode at a DCT scale no smaller
+than ``min_side`` on each side; EXIF orientation applied; first frame of animations. Colour is
+converted as LAVIS does (``convert("RGB")``: transparency is dropped, not composited on white),
+except 16-bit grayscale, which PIL would clip to white: it is scaled to 8 bits first.
+
+No torch and no model code here.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+import shutil
+import stat
+import tempfile
+import threading
+import time
+import warnings
+import zipfile
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from functools import partial
+from http.client import HTTPException
+from typing import BinaryIO, Callable, Iterator
+
+import requests
+import urllib3
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
+from runpod.serverless.utils import rp_ssrf
+
+from config import SETTINGS, Config
+from errors import ImageError, JobError, short
+from schema import SOURCE_FORMS, source_problem
+
+ENV = {s.field: s.env for s in SETTINGS}
+IMAGE_SIDE = 364  # preprocess.IMAGE_SIZE (not imported: it pulls in torch)
+RATIO_FLOOR = 64 * 1024  # members smaller than this (uncompressed) skip the ratio check
+HEAD_BYTES = 16  # enough to tell every supported type apart
+CHUNK = 64 * 1024  # largest single read from the network
+B64_CHUNK = 1 << 20  # base64 characters decoded at a time (a multiple of 4)
+
+ZIP = "ZIP"
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF")  # PIL format names
+FORMAT_LIST = "JPEG, PNG, GIF, WebP, BMP, TIFF or AVIF"
+_MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"),
+          (b"GIF89a", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+          (b"II+\x00", "TIFF"), (b"MM\x00+", "TIFF"), (b"PK\x03\x04", ZIP), (b"PK\x05\x06", ZIP))
+_IMAGE_NAME = re.compile(r"\.(jpe?g|jfif|png|gif|webp|bmp|tiff?|avif)$", re.IGNORECASE)
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, OSError, ValueError,
+               EOFError, RuntimeError, NotImplementedError)
+_NETWORK_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, HTTPException,
+                   OSError)
+
+# decode_image rejects images over MAX_IMAGE_PIXELS itself, right after Image.open; PIL's
+# warning for images between 1x and 2x its own limit would only be noise.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """One image ready to decode."""
+    order: tuple[int, int]  # (source index, position within that source): final output order
+    image_path: str
+    open: Callable[[], BinaryIO]  # a new seekable binary stream each call; any thread
+
+
+@dataclass(frozen=True)
+class ImageFailure:
+    """One image that failed; ``error`` names the problem and the fix where there is one."""
+    order: tuple[int, int]
+    image_path: str
+    error: str
+
+
+@dataclass(frozen=True)
+class _Fetched:
+    path: str
+    kind: str  # ZIP or a PIL format name
+
+
+class _Retry(Exception):
+    """A transient failure (connection error, timeout, 5xx): try again after a backoff."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Cancelled(Exception):
+    """The job ended while this download was running."""
+
+
+# --- small helpers ---------------------------------------------------------------------------
+
+def sniff(head: bytes) -> str | None:
+    """The type of a file from its first bytes: ZIP, a PIL format name, or None."""
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return kind
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis"):
+        return "AVIF"
+    return None
+
+
+def human_size(n: float) -> str:
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= factor:
+            return f"{n / factor:.3g} {unit}"
+    return f"{n:.0f} bytes"
+
+
+def _megapixels(n: int) -> str:
+    return f"{n / 1e6:.0f} MP" if n >= 100e6 else f"{n / 1e6:.3g} MP"
+
+
+def _reason(exc: BaseException) -> str:
+    """A short, path-free description of an exception."""
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return short(text, 100)
+
+
+def _not_an_image(head: bytes, size: int) -> str:
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    if head.lstrip()[:1] == b"<":
+        return ("not an image or a zip: the content looks like HTML or XML (an error page?); "
+                "the URL must point at the image file itself")
+    return f"not an image or a zip: the content is not {FORMAT_LIST}, nor a zip of them"
+
+
+def _too_large(kind: str | None, cfg: Config) -> str:
+    if kind == ZIP:
+        return (f"the zip is larger than {human_size(cfg.max_zip_bytes)} "
+                f"({ENV['max_zip_bytes']}); split it into several jobs")
+    if kind is not None:
+        return (f"the image is larger than {human_size(cfg.max_image_bytes)} "
+                f"({ENV['max_image_bytes']}); send a smaller image")
+    return (f"the file is larger than {human_size(max(cfg.max_image_bytes, cfg.max_zip_bytes))} "
+            f"({ENV['max_image_bytes']} / {ENV['max_zip_bytes']})")
+
+
+def _remove(path: str) -> None:
+    with suppress(FileNotFoundError):
+        os.remove(path)
+
+
+# --- writing one source to its file ----------------------------------------------------------
+
+class _Sink:
+    """Writes one source's bytes to a file, learns the type from the first bytes and enforces
+    the size cap of that type while writing, so a lying or absent Content-Length cannot matter."""
+
+    def __init__(self, file: BinaryIO, cfg: Config, declared: int | None = None):
+        self._file, self._cfg, self._declared = file, cfg, declared or 0
+        self._head = b""
+        self.kind: str | None = None
+        self.total = 0
+
+    @property
+    def cap(self) -> int:
+        if self.kind is None:
+            return max(self._cfg.max_image_bytes, self._cfg.max_zip_bytes)
+        return self._cfg.max_zip_bytes if self.kind == ZIP else self._cfg.max_image_bytes
+
+    def room(self) -> int:
+        """The most bytes worth reading next: one past the cap proves the cap is exceeded."""
+        return self.cap - self.total + 1
+
+    def write(self, chunk: bytes) -> None:
+        if self.kind is None and len(self._head) < HEAD_BYTES:
+            self._head += chunk[: HEAD_BYTES - len(self._head)]
+            if len(self._head) == HEAD_BYTES:
+                self._learn()
+        self.total += len(chunk)
+        if max(self.total, self._declared) > self.cap:
+            raise ImageError(_too_large(self.kind, self._cfg))
+        self._file.write(chunk)
+
+    def _learn(self) -> None:
+        self.kind = sniff(self._head)
+        if self.kind is None:
+            raise ImageError(_not_an_image(self._head, self.total + len(self._head)))
+
+    def finish(self) -> str:
+        if self.kind is None:  # shorter than HEAD_BYTES
+            self._learn()
+        assert self.kind is not None
+        return self.kind
+
+
+def _save_data_uri(uri: str, path: str, cfg: Config) -> str:
+    """Decode a base64 data: URI into ``path`` in slices (bounded memory); return its type."""
+    payload = uri.split(",", 1)[1]
+    if re.search(r"\s", payload):
+        payload = re.sub(r"\s+", "", payload)
+    size = len(payload) * 3 // 4 - payload[-2:].count("=")
+    with open(path, "wb") as file:
+        sink = _Sink(file, cfg, declared=size)
+        for start in range(0, len(payload), B64_CHUNK):
+            try:
+                data = base64.b64decode(payload[start:start + B64_CHUNK], validate=True)
+            except binascii.Error as exc:
+                raise ImageError(f"the data: URI is not valid base64 ({exc}); encode the file "
+                                 "with standard base64") from None
+            sink.write(data)
+        return sink.finish()
+
+
+# --- downloading -----------------------------------------------------------------------------
+
+_REFUSALS: tuple[tuple[str, Callable[[re.Match, Config], str]], ...] = (
+    (r"host (.+) resolves to non-public address (\S+)",
+     lambda m, cfg: f"refused: {short(m[1], 80)} resolves to a non-public address ({m[2]}); "
+                    "only public http(s) URLs can be downloaded"),
+    (r"download exceeds size cap: (\d+) >",
+     lambda m, cfg: f"the file is {human_size(int(m[1]))} (its Content-Length); the limits are "
+                    f"{human_size(cfg.max_image_bytes)} for an image ({ENV['max_image_bytes']}) "
+                    f"and {human_size(cfg.max_zip_bytes)} for a zip ({ENV['max_zip_bytes']})"),
+    (r"exceeded maximum redirects \((\d+)\)",
+     lambda m, cfg: f"too many redirects (more than {m[1]}); use the final URL"),
+    (r"blocked URL scheme", lambda m, cfg: "refused: a redirect led to a non-http(s) URL"),
+    (r"could not resolve host|no addresses resolved",
+     lambda m, cfg: "could not resolve the host name; check the URL"),
+)
+
+
+def _refusal(text: str, cfg: Config) -> str:
+    """rp_ssrf's SSRFError message, rewritten for the person who sent the job."""
+    for pattern, explain in _REFUSALS:
+        match = re.search(pattern, text)
+        if match:
+            return explain(match, cfg)
+    return "refused: " + short(text, 160)
+
+
+def _network_reason(exc: BaseException, cfg: Config) -> str:
+    if isinstance(exc, (requests.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)):
+        return (f"could not connect within {cfg.connect_timeout_s:g} s "
+                f"({ENV['connect_timeout_s']})")
+    if isinstance(exc, (requests.ReadTimeout, urllib3.exceptions.ReadTimeoutError,
+                        TimeoutError)):
+        return f"no data for {cfg.read_timeout_s:g} s ({ENV['read_timeout_s']})"
+    errno_text = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", str(exc))
+    if errno_text:
+        return f"connection failed ({errno_text[1].strip()})"
+    if isinstance(exc, requests.ConnectionError) and "Connection aborted" in str(exc):
+        return "the server closed the connection without answering"
+    return "the connection broke during the download"
+
+
+def _check_status(resp: requests.Response) -> None:
+    code = resp.status_code
+    if 200 <= code < 300:
+        return
+    answer = f"the server answered HTTP {code} {short(resp.reason or '', 40)}".rstrip()
+    if code >= 500:
+        raise _Retry(answer)
+    raise ImageError(f"{answer}; check that the URL is correct and publicly readable "
+                     "(no login, not expired)")
+
+
+def _content_length(resp: requests.Response) -> int | None:
+    with suppress(TypeError, ValueError):
+        return int(resp.headers.get("Content-Length"))
+    return None
+
+
+def _abort(resp: requests.Response) -> None:
+    """End a read blocked in another thread: shut the socket down (it then returns at once)."""
+    try:
+        resp.raw.shutdown()
+    except Exception:  # already released, or an urllib3 without shutdown(): close instead
+        with suppress(Exception):
+            resp.close()
+
+
+class _Watchdog:
+    """Cuts one transfer at the download deadline, whatever the server's pace."""
+
+    def __init__(self, resp: requests.Response, seconds: float):
+        self.fired = False
+        self._timer = threading.Timer(seconds, self._fire, (resp,))
+        self._timer.daemon = True
+
+    def _fire(self, resp: requests.Response) -> None:
+        self.fired = True
+        _abort(resp)
+
+    def start(self) -> None:
+        self._timer.start()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+class _Downloader:
+    """Streams http(s) URLs to files: SSRF guard, timeouts, deadline, retries, size cap."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.cancelled = threading.Event()
+        self._lock = threading.Lock()
+        self._active: set[requests.Response] = set()
+
+    def cancel(self) -> None:
+        """Stop every download: pending backoffs end, blocked reads return."""
+        self.cancelled.set()
+        with self._lock:
+            active = list(self._active)
+        for resp in active:
+            _abort(resp)
+
+    def fetch(self, url: str, path: str) -> str:
+        """Download ``url`` into ``path`` and return its type; raise ImageError."""
+        cfg = self.cfg
+        deadline = time.monotonic() + cfg.download_deadline_s
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return self._attempt(url, path, deadline)
+            except _Retry as exc:
+                reason = exc.reason
+            delay = cfg.retry_backoff_s * 2 ** (attempt - 1)
+            if attempt > cfg.download_retries:
+                break
+            if time.monotonic() + delay >= deadline:
+                raise ImageError(f"download failed: {reason}; no time left to retry "
+                                 f"({self._deadline_text()})")
+            if self.cancelled.wait(delay):
+                raise _Cancelled()
+        tries = f" after {attempt} attempts" if attempt > 1 else ""
+        raise ImageError(f"download failed{tries}: {reason}")
+
+    def _deadline_text(self) -> str:
+        return (f"the download did not finish within {self.cfg.download_deadline_s:g} s "
+                f"({ENV['download_deadline_s']})")
+
+    def _attempt(self, url: str, path: str, deadline: float) -> str:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ImageError(self._deadline_text())
+        resp = self._open(url, left)
+        with self._transfer(resp, left) as watchdog:
+            _check_status(resp)
+            with open(path, "wb") as file:
+                sink = _Sink(file, self.cfg, _content_length(resp))
+                self._stream(resp, sink, watchdog)
+                return sink.finish()
+
+    def _open(self, url: str, left: float) -> requests.Response:
+        cfg = self.cfg
+        timeout = (min(cfg.connect_timeout_s, left), min(cfg.read_timeout_s, left))
+        try:
+            return rp_ssrf.safe_get(url, stream=True, timeout=timeout,
+                                    max_bytes=max(cfg.max_image_bytes, cfg.max_zip_bytes),
+                                    headers={"Accept-Encoding": "identity"})
+        except rp_ssrf.SSRFError as exc:
+            raise ImageError(_refusal(str(exc), cfg)) from None
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise _Retry(_network_reason(exc, cfg)) from None
+        except (requests.RequestException, ValueError) as exc:
+            raise ImageError(f"not a valid URL ({_reason(exc)})") from None
+
+    @contextmanager
+    def _transfer(self, resp: requests.Response, seconds: float) -> Iterator[_Watchdog]:
+        """Register ``resp`` for cancellation and arm the deadline watchdog for its body."""
+        watchdog = _Watchdog(resp, seconds)
+        with self._lock:
+            self._active.add(resp)
+        try:
+            if self.cancelled.is_set():
+                raise _Cancelled()
+            watchdog.start()
+            yield watchdog
+        finally:
+            watchdog.cancel()
+            with self._lock:
+                self._active.discard(resp)
+            resp.close()
+
+    def _stream(self, resp: requests.Response, sink: _Sink, watchdog: _Watchdog) -> None:
+        while True:
+            try:
+                chunk = resp.raw.read1(min(CHUNK, sink.room()), decode_content=True)
+            except Exception as exc:  # whatever a read raises, also once its socket is shut
+                raise self._read_failure(exc, watchdog) from None
+            if watchdog.fired:  # a shut socket reads as a clean end of file
+                raise ImageError(self._deadline_text())
+            if self.cancelled.is_set():
+                raise _Cancelled()
+            if not chunk:
+                return
+            sink.write(chunk)
+
+    def _read_failure(self, exc: Exception, watchdog: _Watchdog) -> Exception:
+        if watchdog.fired:
+            return ImageError(self._deadline_text())
+        if self.cancelled.is_set():
+            return _Cancelled()
+        if isinstance(exc, _NETWORK_ERRORS):
+            return _Retry(_network_reason(exc, self.cfg))
+        return exc
+
+
+# --- zips ------------------------------------------------------------------------------------
+
+def _junk_name(name: str) -> bool:
+    """macOS resource forks and hidden files: skipped, not errors ('..' is not hidden)."""
+    parts = [p for p in re.split(r"[/\\]", name) if p]
+    return (not parts or parts[0] == "__MACOSX"
+            or any(p.startswith(".") and p not in (".", "..") for p in parts))
+
+
+def _zip_limit_problem(files: list[zipfile.ZipInfo], candidates: int, cfg: Config) -> str | None:
+    """Why this zip is over a job limit, from its central directory alone; None if it is not."""
+    if candidates > cfg.max_images_per_job:
+        return (f"the zip has {candidates} files; the limit is {cfg.max_images_per_job} "
+                f"({ENV['max_images_per_job']}); split it into several jobs")
+    total = sum(f.file_size for f in files)
+    if total > cfg.max_zip_uncompressed_bytes:
+        return (f"the zip's files total {human_size(total)} uncompressed; the limit is "
+                f"{human_size(cfg.max_zip_uncompressed_bytes)} "
+                f"({ENV['max_zip_uncompressed_bytes']}); split it into several jobs")
+    for f in files:
+        if f.file_size >= RATIO_FLOOR and f.file_size > cfg.max_zip_ratio * f.compress_size:
+            ratio = f.file_size / max(f.compress_size, 1)
+            return (f"zip member {short(f.filename, 80)!r} expands {ratio:.0f}x "
+                    f"({human_size(f.compress_size)} to {human_size(f.file_size)}); the limit is "
+                    f"{cfg.max_zip_ratio:g}x ({ENV['max_zip_ratio']}): this looks like a zip "
+                    "bomb; zip the images with ordinary compression")
+    return None
+
+
+def _member_problem(info: zipfile.ZipInfo, cfg: Config) -> str | None:
+    """Why a member cannot be an image, from its header alone; None if it may be one."""
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return "symbolic link in the zip: links are not followed; put the image itself in the zip"
+    if info.flag_bits & 0x1:
+        return "encrypted (password-protected) zip member; zip the images without a password"
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        return (f"zip member uses compression method {info.compress_type}; only stored and "
+                "deflate (the usual zip compression) are read")
+    if info.file_size > cfg.max_image_bytes:
+        return (f"the image is {human_size(info.file_size)}; the limit is "
+                f"{human_size(cfg.max_image_bytes)} ({ENV['max_image_bytes']})")
+    return None
+
+
+def _member_kind(zf: zipfile.ZipFile, info: zipfile.ZipInfo, cfg: Config) -> str | None:
+    """The member's image format; None for a non-image to skip; ImageError for a bad member."""
+    problem = _member_problem(info, cfg)
+    if problem:
+        raise ImageError(problem)
+    try:
+        with zf.open(info) as member:
+            head = member.read(HEAD_BYTES)
+    except _ZIP_ERRORS as exc:
+        raise ImageError(f"damaged zip member ({_reason(exc)}); create the zip again") from None
+    kind = sniff(head)
+    if kind == ZIP:
+        raise ImageError("a zip inside the zip is not opened; zip the images themselves")
+    if kind is None and _IMAGE_NAME.search(info.filename):
+        raise ImageError(_not_an_image(head, info.file_size))
+    return kind
+
+
+# --- the job's inputs ------------------------------------------------------------------------
+
+class JobInputs:
+    """One job's sources, fetched concurrently into a private temporary directory.
+
+    Use as ``with JobInputs(sources, single, cfg) as inputs: for item in inputs: ...``.
+    Iteration raises ``JobError`` for job-fatal problems (possibly mid-way); leaving the block
+    cancels downloads, closes zips and deletes the directory, also on exceptions.
+    """
+
+    def __init__(self, sources: list[str], single: bool, cfg: Config):
+        self._sources = list(sources)
+        self._single = single
+        self._cfg = cfg
+        self._downloads = _Downloader(cfg)
+        self._pool: ThreadPoolExecutor | None = None
+        self._zips: list[zipfile.ZipFile] = []
+        self._admitted = 0
+        self._closed = False
+        self.dir: str | None = None  # the job's private directory while the block runs
+        self.skipped = 0  # zip members skipped (directories, __MACOSX, hidden, non-images)
+
+    def __enter__(self) -> "JobInputs":
+        parent = self._cfg.work_dir or None
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        self.dir = tempfile.mkdtemp(prefix="job-", dir=parent)
+        workers = max(1, min(self._cfg.download_concurrency, len(self._sources)))
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="download")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Cancel downloads, wait for their threads, close zips, delete the directory."""
+        if self._closed:
+            return
+        self._closed = True
+        self._downloads.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        for zf in self._zips:
+            zf.close()
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __iter__(self) -> Iterator[ImageSource | ImageFailure]:
+        if self._pool is None or self._closed:
+            raise RuntimeError("iterate inside `with JobInputs(...) as inputs:`")
+        futures = {self._pool.submit(self._fetch, i, src): i
+                   for i, src in enumerate(self._sources)}
+        for future in as_completed(futures):
+            if self._closed:
+                return
+            yield from self._items(futures[future], future)
+
+    # -- naming --
+
+    def _is_data(self, i: int) -> bool:
+        return self._sources[i][:5].lower() == "data:"
+
+    def _field(self, i: int) -> str:
+        return "data_url" if self._single else f"data_urls[{i}]"
+
+    def _where(self, i: int) -> str:
+        """The source, for a job error: its field, and its URL when it has one."""
+        if self._is_data(i):
+            return self._field(i)
+        return f"{self._field(i)} ({short(self._sources[i], 100)})"
+
+    def _label(self, i: int) -> str:
+        return self._field(i) if self._is_data(i) else self._sources[i]
+
+    def _member_label(self, i: int, name: str) -> str:
+        return f"{self._label(i)}/{name}" if len(self._sources) > 1 else name
+
+    # -- fetching (download pool threads) --
+
+    def _fetch(self, i: int, src: str) -> _Fetched:
+        problem = source_problem(src)
+        if problem:
+            raise ImageError(f"{problem}; use {SOURCE_FORMS}")
+        assert self.dir is not None
+        path = os.path.join(self.dir, str(i))
+        try:
+            if self._is_data(i):
+                return _Fetched(path, _save_data_uri(src, path, self._cfg))
+            return _Fetched(path, self._downloads.fetch(src, path))
+        except OSError as exc:
+            _remove(path)
+            raise ImageError(f"could not store the file ({_reason(exc)})") from None
+        except BaseException:
+            _remove(path)
+            raise
+
+    # -- yielding (the iterating thread) --
+
+    def _items(self, i: int, future: Future) -> Iterator[ImageSource | ImageFailure]:
+        try:
+            fetched: _Fetched = future.result()
+        except ImageError as err:
+            yield self._source_failure(i, err.message)
+            return
+        if fetched.kind == ZIP:
+            yield from self._zip_items(i, fetched.path)
+            return
+        self._admit(1, i)
+        yield ImageSource((i, 0), self._label(i), partial(open, fetched.path, "rb"))
+
+    def _source_failure(self, i: int, message: str) -> ImageFailure:
+        """A whole source failed: the job fails when it was the only one (``data_url``)."""
+        if self._single:
+            raise JobError(f"{self._where(i)}: {message}")
+        self._admit(1, i)
+        return ImageFailure((i, 0), self._label(i), message)
+
+    def _admit(self, count: int, i: int) -> None:
+        self._admitted += count
+        limit = self._cfg.max_images_per_job
+        if self._admitted > limit:
+            raise JobError(f"the job has more than {limit} images (counting every file in its "
+                           f"zips, at {self._where(i)}); the limit is {limit} "
+                           f"({ENV['max_images_per_job']}); split it into several jobs")
+
+    def _zip_items(self, i: int, path: str) -> Iterator[ImageSource | ImageFailure]:
+        try:
+            zf = zipfile.ZipFile(path)
+        except _ZIP_ERRORS as exc:
+            yield self._source_failure(i, f"unreadable zip archive ({_reason(exc)}); the file "
+                                          "may be truncated or damaged: create it again")
+            return
+        self._zips.append(zf)
+        files = [info for info in zf.infolist() if not info.is_dir()]
+        candidates = sorted((f for f in files if not _junk_name(f.filename)),
+                            key=lambda f: f.filename)
+        self.skipped += len(zf.infolist()) - len(candidates)
+        problem = _zip_limit_problem(files, len(candidates), self._cfg)
+        if problem:
+            raise JobError(f"{self._where(i)}: {problem}")
+        self._admit(len(candidates), i)
+        for position, info in enumerate(candidates):
+            item = self._member_item(zf, info, (i, position))
+            if item is None:
+                self.skipped += 1
+            else:
+                yield item
+
+    def _member_item(self, zf: zipfile.ZipFile, info: zipfile.ZipInfo,
+                     order: tuple[int, int]) -> ImageSource | ImageFailure | None:
+        label = self._member_label(order[0], info.filename)
+        try:
+            kind = _member_kind(zf, info, self._cfg)
+        except ImageError as err:
+            return ImageFailure(order, label, err.message)
+        if kind is None:
+            return None
+        return ImageSource(order, label, partial(zf.open, info))
+
+
+# --- decoding --------------------------------------------------------------------------------
+
+def apply_pil_limits(cfg: Config) -> None:
+    """Set PIL's process-global bomb guard from cfg (it raises above twice this; we check 1x)."""
+    Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels
+
+
+def _pixels_text(pixels: int | None, cfg: Config, dims: str = "") -> str:
+    size = f"{dims}{_megapixels(pixels)}" if pixels else "too large"
+    return (f"image is {size}; the limit is "
+            f"{_megapixels(cfg.max_image_pixels)} ({ENV['max_image_pixels']}); resize it")
+
+
+def _check_pixels(img: Image.Image, cfg: Config) -> None:
+    width, height = img.size
+    if width * height > cfg.max_image_pixels:
+        raise ImageError(_pixels_text(width * height, cfg, f"{width}x{height} = "))
+
+
+def _image_kind(fp: BinaryIO) -> str:
+    head = fp.read(HEAD_BYTES)
+    fp.seek(0)
+    kind = sniff(head)
+    if kind is None or kind == ZIP:
+        raise ImageError(_not_an_image(head, len(head)) if kind is None else
+                         "not an image: this is a zip inside a zip; zip the images themselves")
+    return kind
+
+
+def _orient(img: Image.Image) -> None:
+    try:
+        ImageOps.exif_transpose(img, in_place=True)
+    except Exception:  # a damaged EXIF block costs the rotation, not the image
+        pass
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB as LAVIS (``convert("RGB")``), but 16-bit grayscale is scaled to 8 bits first:
+    PIL's conversion would clip every value above 255 to white."""
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.getextrema()[1] > 255):
+        img = img.convert("I").point(lambda v: v / 256)
+    if getattr(img, "is_animated", False):
+        img = img.copy()  # frame 0 only, detached from the file
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _decode(fp: BinaryIO, cfg: Config, min_side: int) -> Image.Image:
+    img = Image.open(fp, formats=IMAGE_FORMATS)
+    _check_pixels(img, cfg)  # before any pixel is decoded
+    if isinstance(img, JpegImagePlugin.JpegImageFile):
+        img.draft("RGB", (min_side, min_side))  # DCT scaling; each side stays >= min_side
+    img.load()
+    _orient(img)
+    return _to_rgb(img)
+
+
+def _unreadable(exc: BaseException, kind: str) -> str:
+    if isinstance(exc, (zipfile.BadZipFile, zlib.error)):
+        return f"damaged zip member ({_reason(exc)}); create the zip again"
+    if isinstance(exc, UnidentifiedImageError):
+        return f"not a readable image: the data is not a valid {kind} file"
+    return (f"not a readable image: truncated or corrupt {kind} data ({_reason(exc)}); "
+            "export the image again")
+
+
+def decode_image(src: ImageSource, cfg: Config, min_side: int = IMAGE_SIDE) -> Image.Image:
+    """Open, guard, draft, decode, orient, take the first frame, convert to RGB. Thread-safe.
+
+    Raises ``ImageError`` naming what is wrong, e.g. ``not a readable image: truncated or
+    corrupt JPEG data (...)`` or ``image is 50000x50000 = 2500 MP; the limit is 120 MP
+    (MAX_IMAGE_PIXELS); resize it``.
+    """
+    apply_pil_limits(cfg)
+    kind = "image"
+    try:
+        with src.open() as fp:
+            kind = _image_kind(fp)
+            return _decode(fp, cfg, min_side)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:  # over twice the limit: PIL refused in open()
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        raise ImageError(_pixels_text(int(pixels[1]) if pixels else None, cfg)) from None
+    except Exception as exc:  # hostile data makes PIL's decoders raise many types; one bad
+        raise ImageError(_unreadable(exc, kind)) from None  # image must not fail the job

@@ -1,0 +1,190 @@
+"""Whole jobs through jobs.Worker (validate -> fetch -> decode -> caption -> output) on the tiny
+model, against the real local HTTP server and real zips/images."""
+import json
+import os
+import threading
+
+import pytest
+
+import config
+import engine as engine_mod
+import jobs
+import testlib
+
+FAST = {"num_beams": 2, "max_length": 8, "min_length": 2}
+
+
+def make_worker(tmp_path, **env):
+    settings = {"BLIP_MODEL": "tiny-random", "BLIP_WARMUP": "0", "WORK_DIR": str(tmp_path / "work"),
+                "DOWNLOAD_DEADLINE_S": "5", "DOWNLOAD_RETRY_BACKOFF_S": "0.01", **env}
+    cfg = config.Config.from_env(settings)
+    return jobs.Worker(cfg, engine_mod.load_engine(cfg))
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    w = make_worker(tmp_path_factory.mktemp("jobs"))
+    yield w
+    w.close()
+
+
+def five_member_zip():
+    """Nested folder, one corrupt member, one .txt: 4 captions + 1 error + 1 skipped."""
+    data = testlib.make_zip([
+        ("b/second.png", testlib.png(seed=2)),
+        ("a/first.jpg", testlib.jpeg(seed=1)),
+        ("a/deeper/third.webp", testlib.image_bytes("WEBP", seed=3)),
+        ("c/broken.jpg", testlib.jpeg(seed=4, size=(256, 192))),
+        ("readme.txt", b"not an image"),
+        ("z/fourth.gif", testlib.image_bytes("GIF", seed=5)),
+    ])
+    return testlib.corrupt_entry(data, "c/broken.jpg")
+
+
+def test_zip_with_nested_folder_corrupt_member_and_text_file(worker, http_server):
+    url = http_server.route("/five.zip", testlib.body(five_member_zip()))
+    out = worker.run({"data_url": url, **FAST}, "job-zip")
+    assert [c["image_path"] for c in out["captions"]] == [
+        "a/deeper/third.webp", "a/first.jpg", "b/second.png", "z/fourth.gif"]
+    assert all(c["caption"] for c in out["captions"])
+    assert len({c["caption"] for c in out["captions"]}) == 4
+    assert [e["image_path"] for e in out["errors"]] == ["c/broken.jpg"]
+    assert out["skipped"] == 1
+    assert out["model"] == "tiny-random" and out["engine"] == "transformers"
+    assert set(out["timings"]) == {"fetch_s", "caption_s", "total_s"}
+
+
+def test_one_404_among_data_urls_costs_only_that_image(worker, http_server):
+    urls = [http_server.route(f"/img{i}.jpg", testlib.body(testlib.jpeg(seed=10 + i)))
+            for i in range(3)]
+    urls.insert(1, http_server.route("/missing.jpg", testlib.status(404)))
+    out = worker.run({"data_urls": urls, **FAST}, "job-404")
+    assert [c["image_path"] for c in out["captions"]] == [urls[0], urls[2], urls[3]]
+    assert out["errors"][0]["image_path"] == urls[1] and "404" in out["errors"][0]["error"]
+    assert "skipped" not in out
+
+
+def test_captions_follow_input_order_and_match_captioning_alone(worker):
+    imgs = [testlib.jpeg(seed=s) for s in range(20, 26)]
+    uris = [testlib.data_uri(b, "image/jpeg") for b in imgs]
+    together = worker.run({"data_urls": uris, **FAST})["captions"]
+    alone = [worker.run({"data_url": u, **FAST})["captions"][0]["caption"] for u in uris]
+    assert [c["caption"] for c in together] == alone
+    assert [c["image_path"] for c in together] == [f"data_urls[{i}]" for i in range(6)]
+
+
+def test_invalid_params_fail_with_one_readable_message(worker):
+    out = worker.run({"data_url": "https://example.com/x.jpg", "num_beam": 3, "max_length": "50"})
+    assert set(out) == {"error"}
+    assert "num_beam" in out["error"] and "num_beams" in out["error"]
+    assert "max_length" in out["error"]
+
+
+def test_nothing_captioned_fails_and_lists_the_reasons(worker, http_server):
+    urls = [http_server.route(f"/gone{i}.jpg", testlib.status(404)) for i in range(2)]
+    out = worker.run({"data_urls": urls, **FAST})
+    assert set(out) == {"error"}
+    assert "no image could be captioned" in out["error"] and out["error"].count("404") == 2
+
+
+def test_zip_without_images_fails_clearly(worker):
+    uri = testlib.data_uri(testlib.make_zip([("a.txt", b"x"), ("b.csv", b"1,2")]),
+                           "application/zip")
+    out = worker.run({"data_url": uri})
+    assert "no images found" in out["error"] and "2 non-image files were skipped" in out["error"]
+
+
+def test_num_captions_gives_alternatives(worker):
+    uri = testlib.data_uri(testlib.jpeg(seed=7), "image/jpeg")
+    out = worker.run({"data_url": uri, "num_beams": 4, "num_captions": 3, "max_length": 8})
+    entry = out["captions"][0]
+    assert isinstance(entry["caption"], str) and len(entry["alternatives"]) == 2
+    assert entry["caption"] not in entry["alternatives"]
+
+
+def test_include_prompt(worker):
+    uri = testlib.data_uri(testlib.jpeg(seed=8), "image/jpeg")
+    bare = worker.run({"data_url": uri, **FAST})["captions"][0]["caption"]
+    full = worker.run({"data_url": uri, "include_prompt": True, **FAST})["captions"][0]["caption"]
+    assert full == f"a photo of {bare}"
+
+
+def test_job_directory_is_removed_after_success_and_failure(tmp_path, http_server):
+    w = make_worker(tmp_path)
+    try:
+        w.run({"data_url": testlib.data_uri(testlib.jpeg(seed=1), "image/jpeg"), **FAST})
+        w.run({"data_url": http_server.route("/bad.zip", testlib.body(testlib.zip_bomb()))})
+        w.run({"data_url": testlib.data_uri(five_member_zip(), "application/zip"), **FAST})
+        assert os.listdir(tmp_path / "work") == []
+    finally:
+        w.close()
+
+
+def test_zip_over_its_limits_fails_the_job_naming_the_env_var(worker):
+    uri = testlib.data_uri(testlib.many_members_zip(1001, testlib.jpeg(seed=1)), "application/zip")
+    out = worker.run({"data_url": uri})
+    assert "MAX_IMAGES_PER_JOB" in out["error"]
+
+
+def test_concurrent_jobs_each_get_their_own_captions(worker):
+    jobs_in = [[testlib.data_uri(testlib.jpeg(seed=100 + 10 * j + i), "image/jpeg")
+                for i in range(3)] for j in range(6)]
+    alone = [[c["caption"] for c in worker.run({"data_urls": u, **FAST})["captions"]]
+             for u in jobs_in]
+    results = [None] * len(jobs_in)
+    gate = threading.Barrier(len(jobs_in))
+
+    def run(j):
+        gate.wait()
+        results[j] = worker.run({"data_urls": jobs_in[j], **FAST}, f"job-{j}")
+
+    threads = [threading.Thread(target=run, args=(j,)) for j in range(len(jobs_in))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [[c["caption"] for c in r["captions"]] for r in results] == alone
+
+
+def test_injected_oom_still_captions_every_image(tmp_path, worker):
+    uris = [testlib.data_uri(testlib.jpeg(seed=200 + i), "image/jpeg") for i in range(6)]
+    clean = worker.run({"data_urls": uris, **FAST})
+    chaos = make_worker(tmp_path, BLIP_INJECT_OOM_ABOVE_BATCH="1")
+    try:
+        assert chaos.run({"data_urls": uris, **FAST})["captions"] == clean["captions"]
+    finally:
+        chaos.close()
+
+
+def test_corrupted_gpu_asks_runpod_for_a_new_worker(tmp_path, monkeypatch):
+    w = make_worker(tmp_path)
+    try:
+        def broken(*a, **k):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        monkeypatch.setattr(w.engine, "_generate", broken)
+        out = w.run({"data_url": testlib.data_uri(testlib.jpeg(seed=1), "image/jpeg")})
+        assert out["refresh_worker"] is True and "GPU failed" in out["error"]
+    finally:
+        w.close()
+
+
+def test_progress_is_reported_for_jobs_over_one_batch(worker):
+    seen = []
+    uris = [testlib.data_uri(testlib.jpeg(seed=300 + i), "image/jpeg") for i in range(5)]
+    worker.run({"data_urls": uris, "batch_size": 2, **FAST}, progress=lambda d, t: seen.append(d))
+    assert seen and seen[-1] == 5 and seen == sorted(seen)
+
+
+def test_output_never_echoes_inline_data(worker):
+    blob = testlib.data_uri(testlib.jpeg(seed=9, size=(400, 300)), "image/jpeg")
+    for job in ({"data_url": blob, **FAST}, {"data_url": blob, "num_beams": "x"},
+                {"data_urls": [blob, "ftp://x"], **FAST}):
+        text = json.dumps(worker.run(job))
+        assert blob[40:120] not in text and len(text) < 2000
+
+
+def test_non_dict_input_is_a_readable_error(worker):
+    for bad in (None, [], "data_url", 42):
+        out = worker.run(bad)
+        assert set(out) == {"error"} and out["error"]
