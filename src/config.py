@@ -57,6 +57,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Decoding loop of the transformers engine: `fast` (prompt prefilled once per image "
             "and shared by its beams; same tokens as transformers) or `hf` (transformers' own "
             "generate).", choices=("fast", "hf")),
+    Setting("cuda_graphs", "BLIP_CUDA_GRAPHS", "bool", True,
+            "With the fast decoder on CUDA, capture each small batch shape's decoding step as "
+            "a CUDA graph and replay it (cuts per-token overhead for small batches)."),
     Setting("warmup", "BLIP_WARMUP", "bool", True,
             "Run one tiny caption after loading so the first job is not slow."),
     Setting("batch_wait_ms", "BLIP_BATCH_WAIT_MS", "float", 5.0,
@@ -149,6 +152,7 @@ class Config:
     max_batch_size: int
     inject_oom_above_batch: int | None
     decoder: str
+    cuda_graphs: bool
     warmup: bool
     batch_wait_ms: float
     max_concurrent_jobs: int

@@ -182,7 +182,7 @@ class BaseEngine:
                 out = self.generate_batch(batch, prompts[chunk], params)
             except torch.OutOfMemoryError as exc:
                 batch = None
-                self.free_memory()
+                self.free_memory(drop_caches=True)
                 if size == 1:
                     log.warning("out of memory on a single image; giving up on it")
                     results.append(CaptionResult(error=oom_message(params, exc)))
@@ -220,10 +220,17 @@ class BaseEngine:
         self.warmup_s = time.perf_counter() - t0
         return self.warmup_s
 
-    def free_memory(self) -> None:
+    def free_memory(self, drop_caches: bool = False) -> None:
+        """Collect garbage and return cached GPU blocks; ``drop_caches`` also drops the
+        engine's own reusable buffers (after an out-of-memory error)."""
+        if drop_caches:
+            self.drop_caches()
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def drop_caches(self) -> None:
+        """Engines with reusable device buffers release them here."""
 
     def memory_stats(self) -> dict[str, float]:
         if self.device.type != "cuda":
@@ -266,8 +273,12 @@ class TransformersEngine(BaseEngine):
         if cfg.decoder == "fast":
             import fastgen
             if fastgen.supports(self.model):
+                graphs = cfg.cuda_graphs and device.type == "cuda"
+                budget = (min(4 * 2 ** 30, torch.cuda.get_device_properties(device).total_memory
+                              // 10) if graphs else 0)
                 self.fast = fastgen.FastGenerator(self.model, loaded.eos_token_id,
-                                                  loaded.pad_token_id)
+                                                  loaded.pad_token_id, cuda_graphs=graphs,
+                                                  graph_memory_bytes=budget)
             else:
                 log.warning("BLIP_DECODER=fast does not support this language model; "
                             "using transformers' generate")
@@ -288,6 +299,10 @@ class TransformersEngine(BaseEngine):
         log.info("loaded %s on %s in %s in %.1fs", loaded.model_id, device,
                  str(dtype).replace("torch.", ""), loaded.load_s)
         return cls(cfg, device, dtype, loaded)
+
+    def drop_caches(self) -> None:
+        if self.fast is not None:
+            self.fast.release()
 
     # --- memory sizing --------------------------------------------------------------------
     def _kv_cache_bytes_per_token(self) -> int:

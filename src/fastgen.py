@@ -11,7 +11,9 @@ all of them, concatenating a growing cache. Here instead:
   per image, then the beam's own generated tokens);
 - generated tokens live in a preallocated buffer (no per-step concatenation); beam reordering
   copies only the generated part;
-- per step, one fused Python loop over the decoder layers, no cache objects, no mask building.
+- per step, one Python loop over the decoder layers on preallocated, fixed-shape buffers (no
+  cache objects, no mask building), which on CUDA is captured once as a CUDA graph per batch
+  shape and replayed (``cuda_graphs``): a small batch's step costs one launch instead of ~900.
 
 The search itself is the one transformers runs, so results are the same tokens: greedy
 (argmax), beam search (top 2k candidates per image over accumulated log-probs, the first k
@@ -27,7 +29,8 @@ else falls back to transformers' generate (``supports(model)``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +39,9 @@ from params import GenerationParams
 
 NEG = -1.0e9  # transformers' "impossible" score
 SAMPLING_TOP_K = 50  # transformers' default top_k, which LAVIS's sampling inherits too
+GRAPH_MAX_ROWS = 64  # CUDA graphs for batches of up to this many rows (images x beams)
+GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64)  # image counts a graph is captured for (padded up)
+GRAPH_PROMPT_MULTIPLE = 8  # prompt lengths are left-padded to a multiple of this for graphs
 
 
 def supports(model) -> bool:
@@ -56,8 +62,31 @@ class _Prefix:
     logits: torch.Tensor  # (B, V) float32: next-token logits after the prompt
 
 
+@dataclass(eq=False)
+class _Workspace:
+    """Fixed-shape buffers one decoding step reads and writes (what a CUDA graph captures)."""
+    images: int  # capacity in images (a real batch may use fewer; the rest are padding)
+    per_image: int  # rows per image (beams or samples)
+    length: int  # prompt length (left-padded)
+    steps: int  # new tokens at most
+    prefix_k: list[torch.Tensor]
+    prefix_v: list[torch.Tensor]
+    prefix_bias: torch.Tensor  # (images, 1, 1, length)
+    gen_k: list[torch.Tensor]  # (rows, H, steps, d), zero-initialised
+    gen_v: list[torch.Tensor]
+    gen_bias: torch.Tensor  # (1, 1, 1, steps): 0 up to the current step, -inf after
+    tokens: torch.Tensor  # (rows,)
+    positions: torch.Tensor  # (rows,)
+    t_index: torch.Tensor  # (1,) the current step
+    logits: torch.Tensor  # (rows, V) float32, written by the step
+    graph: object = None
+    bytes: int = 0
+    bias_table: torch.Tensor = field(default=None)  # (steps, 1, 1, 1, steps)
+
+
 class FastGenerator:
-    def __init__(self, model, eos_token_id: int, pad_token_id: int):
+    def __init__(self, model, eos_token_id: int, pad_token_id: int, cuda_graphs: bool = False,
+                 bucket: bool | None = None, graph_memory_bytes: int = 0):
         if not supports(model):
             raise ValueError("FastGenerator needs a BLIP-2 model with an OPT decoder")
         self.model = model
@@ -68,9 +97,22 @@ class FastGenerator:
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.eos = eos_token_id
         self.pad = pad_token_id
-        self.vocab = cfg.vocab_size
         suppress = self.lm.generation_config.suppress_tokens or []
         self.suppress = torch.tensor(sorted(suppress), dtype=torch.long) if suppress else None
+        self.cuda_graphs = cuda_graphs
+        # Bucketing (padding batches and prompts to fixed shapes) is what lets graphs be reused;
+        # it can be switched on without graphs to test that padding changes nothing.
+        self.bucket = cuda_graphs if bucket is None else bucket
+        self.graph_memory_bytes = graph_memory_bytes
+        self._cache: OrderedDict[tuple, _Workspace] = OrderedDict()
+        self._pool = None
+        self.graph_failures = 0
+        self.graph_replays = 0
+
+    def release(self) -> None:
+        """Drop cached workspaces and graphs (after an out-of-memory error, for instance)."""
+        self._cache.clear()
+        self._pool = None
 
     # --- the model, step by step ----------------------------------------------------------
     def _prompt_embeds(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -127,39 +169,135 @@ class FastGenerator:
         return _Prefix(keys, values, bias, attention_mask.sum(1),
                        self._logits(h[:, -1]))
 
-    def _step(self, prefix: _Prefix, gen_k: list[torch.Tensor], gen_v: list[torch.Tensor],
-              tokens: torch.Tensor, positions: torch.Tensor, t: int, per_image: int
-              ) -> torch.Tensor:
-        """Feed one token per row (rows = images x per_image); return (rows, V) logits."""
-        rows = tokens.shape[0]
-        b = rows // per_image
-        h = self.decoder.embed_tokens(tokens)[:, None]
-        h = h + self.decoder.embed_positions(None, 0, position_ids=positions[:, None])
+    def _step_static(self, ws: _Workspace) -> None:
+        """Feed ``ws.tokens`` (one per row) at step ``ws.t_index``; write ``ws.logits``.
+        Only fixed-shape tensor work: this is what a CUDA graph records."""
+        h = self.decoder.embed_tokens(ws.tokens)[:, None]
+        h = h + self.decoder.embed_positions(None, 0, position_ids=ws.positions[:, None])
         for i, layer in enumerate(self.decoder.layers):
             a = layer.self_attn
             x = layer.self_attn_layer_norm(h)
             q = self._split(a.q_proj(x) * a.scaling)  # (R, H, 1, d)
-            gen_k[i][:, :, t] = self._split(a.k_proj(x))[:, :, 0]
-            gen_v[i][:, :, t] = self._split(a.v_proj(x))[:, :, 0]
-            o = self._attend(q, prefix.keys[i], prefix.values[i], prefix.bias,
-                             gen_k[i][:, :, :t + 1], gen_v[i][:, :, :t + 1], b, per_image)
+            ws.gen_k[i].index_copy_(2, ws.t_index, self._split(a.k_proj(x)))
+            ws.gen_v[i].index_copy_(2, ws.t_index, self._split(a.v_proj(x)))
+            o = self._attend(q, ws, i)
             h = h + a.out_proj(o)
             h = self._mlp(layer, h)
-        return self._logits(h[:, 0])
+        ws.logits.copy_(self._logits(h[:, 0]))
 
-    def _attend(self, q, pk, pv, bias, gk, gv, b: int, k: int) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, ws: _Workspace, i: int) -> torch.Tensor:
         """Attention of one new token per row over its image's shared prompt cache and its own
         generated tokens, with one softmax over both."""
-        heads, d = self.heads, self.head_dim
+        b, k, heads, d = ws.images, ws.per_image, self.heads, self.head_dim
         qi = q.view(b, k, heads, d).transpose(1, 2)  # (B, H, k, d)
-        s_prefix = qi @ pk.transpose(-1, -2) + bias  # (B, H, k, L)
-        s_gen = (q @ gk.transpose(-1, -2)).view(b, k, heads, -1).transpose(1, 2)  # (B,H,k,t)
+        s_prefix = qi @ ws.prefix_k[i].transpose(-1, -2) + ws.prefix_bias  # (B, H, k, L)
+        s_gen = q @ ws.gen_k[i].transpose(-1, -2) + ws.gen_bias  # (R, H, 1, T)
+        s_gen = s_gen.view(b, k, heads, -1).transpose(1, 2)  # (B, H, k, T)
         p = torch.cat([s_prefix, s_gen], dim=-1).float().softmax(-1).to(q.dtype)
-        length = pk.shape[2]
-        out = p[..., :length] @ pv  # (B, H, k, d)
-        p_gen = p[..., length:].transpose(1, 2).reshape(b * k, heads, 1, -1)
-        out = out.transpose(1, 2).reshape(b * k, heads, 1, d) + p_gen @ gv
+        out = p[..., :ws.length] @ ws.prefix_v[i]  # (B, H, k, d)
+        p_gen = p[..., ws.length:].transpose(1, 2).reshape(b * k, heads, 1, -1)
+        out = out.transpose(1, 2).reshape(b * k, heads, 1, d) + p_gen @ ws.gen_v[i]
         return out.transpose(1, 2).reshape(b * k, 1, heads * d)
+
+    # --- workspaces and graphs ------------------------------------------------------------
+    def _shape_for(self, images: int, per_image: int, length: int) -> tuple[int, int]:
+        """(image capacity, prompt length) of the workspace for a batch."""
+        if not self.bucket:
+            return images, length
+        for cap in GRAPH_BATCHES:
+            if cap >= images and cap * per_image <= GRAPH_MAX_ROWS:
+                step = GRAPH_PROMPT_MULTIPLE
+                return cap, -(-length // step) * step
+        return images, length
+
+    def _new_workspace(self, images: int, per_image: int, length: int, steps: int,
+                       like: torch.Tensor) -> _Workspace:
+        rows, layers = images * per_image, len(self.decoder.layers)
+        dev, dt = like.device, like.dtype
+        pk = [torch.zeros(images, self.heads, length, self.head_dim, device=dev, dtype=dt)
+              for _ in range(2 * layers)]
+        gk = [torch.zeros(rows, self.heads, steps, self.head_dim, device=dev, dtype=dt)
+              for _ in range(2 * layers)]
+        vocab = self.lm.lm_head.out_features
+        table = torch.full((steps, 1, 1, 1, steps), float("-inf"), device=dev, dtype=dt)
+        for t in range(steps):
+            table[t, ..., :t + 1] = 0
+        ws = _Workspace(images, per_image, length, steps, pk[:layers], pk[layers:],
+                        torch.zeros(images, 1, 1, length, device=dev, dtype=dt),
+                        gk[:layers], gk[layers:], table[0].clone(),
+                        torch.full((rows,), self.pad, dtype=torch.long, device=dev),
+                        torch.zeros(rows, dtype=torch.long, device=dev),
+                        torch.zeros(1, dtype=torch.long, device=dev),
+                        torch.zeros(rows, vocab, device=dev), bias_table=table)
+        ws.bytes = sum(x.numel() * x.element_size() for x in pk + gk) + ws.logits.numel() * 4
+        return ws
+
+    def _workspace(self, images: int, per_image: int, length: int, steps: int,
+                   like: torch.Tensor) -> _Workspace:
+        cap, padded = self._shape_for(images, per_image, length)
+        graphable = self.cuda_graphs and like.is_cuda and cap * per_image <= GRAPH_MAX_ROWS
+        if not graphable:
+            return self._new_workspace(cap, per_image, padded, steps, like)
+        key = (cap, per_image, padded, steps, like.dtype, like.device)
+        ws = self._cache.pop(key, None) or self._new_workspace(cap, per_image, padded, steps,
+                                                                like)
+        self._cache[key] = ws  # most recently used last
+        while (len(self._cache) > 1 and
+               sum(w.bytes for w in self._cache.values()) > self.graph_memory_bytes):
+            self._cache.popitem(last=False)
+        return ws
+
+    def _load_prefix(self, ws: _Workspace, prefix: _Prefix) -> None:
+        b, length = prefix.bias.shape[0], prefix.bias.shape[-1]
+        start = ws.length - length  # left padding up to the workspace's length
+        for i in range(len(prefix.keys)):
+            ws.prefix_k[i][:b, :, start:].copy_(prefix.keys[i])
+            ws.prefix_v[i][:b, :, start:].copy_(prefix.values[i])
+        ws.prefix_bias[:b, ..., :start] = float("-inf")
+        ws.prefix_bias[:b, ..., start:].copy_(prefix.bias)
+        ws.prefix_bias[b:] = 0  # padding images: finite, never read back
+
+    def _run_step(self, ws: _Workspace, tokens: torch.Tensor, positions: torch.Tensor,
+                  t: int) -> torch.Tensor:
+        rows = tokens.shape[0]
+        ws.tokens[:rows].copy_(tokens)
+        ws.positions[:rows].copy_(positions)
+        ws.t_index.fill_(t)
+        ws.gen_bias.copy_(ws.bias_table[t])
+        if self.cuda_graphs and ws.tokens.is_cuda and self._graph(ws):
+            ws.graph.replay()
+            self.graph_replays += 1
+        else:
+            self._step_static(ws)
+        return ws.logits[:rows]
+
+    def _graph(self, ws: _Workspace) -> bool:
+        """Capture ``ws``'s step once (its inputs for this step are already in place, and the
+        step only writes its outputs, so the warm-up runs are harmless). False if capture is
+        impossible here: then the step runs eagerly."""
+        if ws.graph is not None:
+            return True
+        if ws not in self._cache.values():
+            return False
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._step_static(ws)
+            torch.cuda.current_stream().wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                self._step_static(ws)
+            ws.graph = graph
+            return True
+        except Exception:  # noqa: BLE001 - a capture failure must never fail a caption
+            self.graph_failures += 1
+            self.cuda_graphs = self.graph_failures < 3
+            torch.cuda.synchronize()
+            return False
 
     # --- logits processing (transformers' semantics) ---------------------------------------
     def _process(self, scores: torch.Tensor, history: torch.Tensor, t: int,
@@ -196,23 +334,20 @@ class FastGenerator:
                  attention_mask: torch.Tensor, params: GenerationParams) -> list[list[int]]:
         """New token ids per output row (image-major: ``num_captions`` rows per image)."""
         prefix = self.prefill(pixel_values, input_ids, attention_mask)
-        if params.use_nucleus_sampling or params.effective_beams == 1:
-            return self._sample(prefix, input_ids, params)
-        return self._beam_search(prefix, input_ids, params)
+        sampling = params.use_nucleus_sampling or params.effective_beams == 1
+        per_image = (params.num_captions if params.use_nucleus_sampling else 1) if sampling \
+            else params.num_beams
+        ws = self._workspace(input_ids.shape[0], per_image, input_ids.shape[1],
+                             params.max_length, prefix.keys[0])
+        self._load_prefix(ws, prefix)
+        if sampling:
+            return self._sample(ws, prefix, input_ids, params, per_image)
+        return self._beam_search(ws, prefix, input_ids, params)
 
-    def _buffers(self, rows: int, steps: int, like: torch.Tensor):
-        shape = (rows, self.heads, steps, self.head_dim)
-        n = len(self.decoder.layers)
-        return ([like.new_empty(shape) for _ in range(n)],
-                [like.new_empty(shape) for _ in range(n)])
-
-    def _sample(self, prefix: _Prefix, input_ids: torch.Tensor,
-                params: GenerationParams) -> list[list[int]]:
-        k = params.num_captions if params.use_nucleus_sampling else 1
-        b = input_ids.shape[0]
-        rows = b * k
+    def _sample(self, ws: _Workspace, prefix: _Prefix, input_ids: torch.Tensor,
+                params: GenerationParams, k: int) -> list[list[int]]:
+        rows = input_ids.shape[0] * k
         device = input_ids.device
-        gen_k, gen_v = self._buffers(rows, params.max_length, prefix.keys[0])
         history = input_ids.repeat_interleave(k, 0)
         positions = prefix.valid.repeat_interleave(k, 0)
         logits = prefix.logits.repeat_interleave(k, 0)
@@ -236,17 +371,16 @@ class FastGenerator:
             steps = t + 1
             if bool(done.all()) or t + 1 == params.max_length:
                 break
-            logits = self._step(prefix, gen_k, gen_v, token, positions + t, t, k)
+            logits = self._run_step(ws, token, positions + t, t)
         return out[:, :steps].tolist()
 
-    def _beam_search(self, prefix: _Prefix, input_ids: torch.Tensor,
+    def _beam_search(self, ws: _Workspace, prefix: _Prefix, input_ids: torch.Tensor,
                      params: GenerationParams) -> list[list[int]]:
         k, lp, steps_max = params.num_beams, params.length_penalty, params.max_length
         b, prompt_len = input_ids.shape
         keep = 2 * k  # candidates per image: enough to continue k beams even if k end
         device = input_ids.device
         vocab = prefix.logits.shape[-1]
-        gen_k, gen_v = self._buffers(b * k, steps_max, prefix.keys[0])
         seqs = input_ids.repeat_interleave(k, 0).view(b, k, prompt_len)
         run_scores = torch.zeros(b, k, device=device)
         run_scores[:, 1:] = NEG
@@ -292,10 +426,10 @@ class FastGenerator:
             improvable = improvable & (best_running > worst).any(-1, keepdim=True)
             if not bool(improvable.any()) or bool(ends.all()):
                 break
-            for i in range(len(gen_k)):  # follow the surviving beams' histories
-                gen_k[i][:, :, :t] = gen_k[i][rows, :, :t]
-                gen_v[i][:, :, :t] = gen_v[i][rows, :, :t]
-            logits = self._step(prefix, gen_k, gen_v, seqs[:, :, -1].reshape(-1),
-                                positions + t, t, k)
+            if t:
+                n = b * k  # follow the surviving beams' histories (real rows only)
+                for buf in ws.gen_k + ws.gen_v:
+                    buf[:n, :, :t] = buf[rows, :, :t]
+            logits = self._run_step(ws, seqs[:, :, -1].reshape(-1), positions + t, t)
         best = fin_seqs[:, :params.num_captions, prompt_len:].reshape(b * params.num_captions, -1)
         return best.tolist()

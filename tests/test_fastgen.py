@@ -36,10 +36,13 @@ def batch(eng):
     G(num_beams=2, max_length=6, min_length=6),
     G(num_beams=1, max_length=10, repetition_penalty=2.0),
 ], ids=["greedy", "beams3", "beams3x3", "beams5-penalties", "beams4-neg-lp", "forced", "rep"])
-def test_same_tokens_as_transformers_generate(eng, batch, params):
+@pytest.mark.parametrize("bucket", [False, True], ids=["exact-shapes", "padded-shapes"])
+def test_same_tokens_as_transformers_generate(eng, batch, params, bucket):
     px, pxn, ids, mask = batch
     want = eng._generate(px, PROMPTS, params)  # BLIP_DECODER=hf: model.generate
-    gen = fastgen.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id)
+    # padded-shapes: the batch and the prompt are padded to the fixed shapes CUDA graphs use
+    gen = fastgen.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id,
+                                bucket=bucket)
     rows = gen.generate(pxn, ids, mask, params)
     got = [eng._decode(r) for r in rows]
     k = params.num_captions

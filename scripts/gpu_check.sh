@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One prepared GPU session (run through the device tool, or by hand on any CUDA box):
+# CUDA correctness checks, then the benchmark set on the real architecture with random weights.
+# Results: $OUT/bench.jsonl (one JSON object per measurement), $OUT/*.log.
+#   OUT=out bash scripts/gpu_check.sh            # MODEL=tiny-random for a dry run on CPU
+set -u
+OUT=${OUT:-out}
+MODEL=${MODEL:-random-full}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then  # the pinned transformers/tokenizers wheels, when the box has others
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true) | tee "$OUT/gpu.log"
+date -u | tee -a "$OUT/gpu.log"
+B="python3 src/bench.py --model $MODEL --out $OUT/bench.jsonl"
+step() { echo "=== $*" | tee -a "$OUT/steps.log"; timeout "$@" 2>&1 | grep -v Warning | tee -a "$OUT/steps.log"; }
+
+step 150 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+step 200 $B --mode engine --batch-sizes 1,4,16,64,128,256 --decoders fast,hf --compare-naive --naive-images 16
+step 90 $B --mode job --images 512
+step 90 $B --mode concurrent --images 64
+step 120 $B --mode engine --num-beams 1 --batch-sizes 1,64,256 --decoders fast,hf
+step 90 env BLIP_CUDA_GRAPHS=0 $B --mode engine --batch-sizes 1,4,16 --decoders fast
+step 90 $B --mode engine --dtype bfloat16 --batch-sizes 1,64,256 --decoders fast
+step 60 $B --mode load
+echo "=== done" | tee -a "$OUT/steps.log"
