@@ -3,6 +3,7 @@
 # CUDA correctness checks, then the benchmark set on the real architecture with random weights.
 # Results: $OUT/bench.jsonl (one JSON object per measurement), $OUT/*.log.
 #   OUT=out bash scripts/gpu_check.sh            # MODEL=tiny-random for a dry run on CPU
+#   QUICK=1 bash scripts/gpu_check.sh            # checks + the headline numbers only (~3 min)
 set -u
 OUT=${OUT:-out}
 MODEL=${MODEL:-random-full}
@@ -18,6 +19,13 @@ B="python3 src/bench.py --model $MODEL --out $OUT/bench.jsonl"
 step() { echo "=== $*" | tee -a "$OUT/steps.log"; timeout "$@" 2>&1 | grep -v Warning | tee -a "$OUT/steps.log"; }
 
 step 150 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+if [ -n "${QUICK:-}" ]; then
+  step 120 $B --mode engine --batch-sizes 1,16,64,256 --decoders fast
+  step 90 $B --mode job --images 512
+  step 90 $B --mode concurrent --images 64
+  echo "=== done" | tee -a "$OUT/steps.log"
+  exit 0
+fi
 step 200 $B --mode engine --batch-sizes 1,4,16,64,128,256 --decoders fast,hf --compare-naive --naive-images 16
 step 90 $B --mode job --images 512
 step 90 $B --mode concurrent --images 64

@@ -274,8 +274,9 @@ class TransformersEngine(BaseEngine):
             import fastgen
             if fastgen.supports(self.model):
                 graphs = cfg.cuda_graphs and device.type == "cuda"
-                budget = (min(4 * 2 ** 30, torch.cuda.get_device_properties(device).total_memory
-                              // 10) if graphs else 0)
+                # step buffers kept for graph replay: at most 15% of the GPU's memory
+                budget = (torch.cuda.get_device_properties(device).total_memory * 15 // 100
+                          if graphs else 0)
                 self.fast = fastgen.FastGenerator(self.model, loaded.eos_token_id,
                                                   loaded.pad_token_id, cuda_graphs=graphs,
                                                   graph_memory_bytes=budget)

@@ -39,8 +39,9 @@ from params import GenerationParams
 
 NEG = -1.0e9  # transformers' "impossible" score
 SAMPLING_TOP_K = 50  # transformers' default top_k, which LAVIS's sampling inherits too
-GRAPH_MAX_ROWS = 64  # CUDA graphs for batches of up to this many rows (images x beams)
-GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64)  # image counts a graph is captured for (padded up)
+# Image counts a graph is captured for (a batch is padded up to the next one); batches whose
+# step buffers exceed the graph memory budget run eagerly at their exact size.
+GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 GRAPH_PROMPT_MULTIPLE = 8  # prompt lengths are left-padded to a multiple of this for graphs
 
 
@@ -55,9 +56,6 @@ def supports(model) -> bool:
 
 @dataclass
 class _Prefix:
-    keys: list[torch.Tensor]  # per layer (B, H, L, d): the prompt's cache, once per image
-    values: list[torch.Tensor]
-    bias: torch.Tensor  # (B, 1, 1, L): 0 where the prompt has a token, -inf on left padding
     valid: torch.Tensor  # (B,) prompt tokens that are not padding
     logits: torch.Tensor  # (B, V) float32: next-token logits after the prompt
 
@@ -69,11 +67,9 @@ class _Workspace:
     per_image: int  # rows per image (beams or samples)
     length: int  # prompt length (left-padded)
     steps: int  # new tokens at most
-    prefix_k: list[torch.Tensor]
-    prefix_v: list[torch.Tensor]
+    prefix: torch.Tensor  # (2 x layers, images, H, length, d): keys then values, per layer
     prefix_bias: torch.Tensor  # (images, 1, 1, length)
-    gen_k: list[torch.Tensor]  # (rows, H, steps, d), zero-initialised
-    gen_v: list[torch.Tensor]
+    gen: torch.Tensor  # (2 x layers, rows, H, steps, d), zero-initialised: generated K/V
     gen_bias: torch.Tensor  # (1, 1, 1, steps): 0 up to the current step, -inf after
     tokens: torch.Tensor  # (rows,)
     positions: torch.Tensor  # (rows,)
@@ -119,10 +115,14 @@ class FastGenerator:
         m = self.model
         image = m.vision_model(pixel_values, return_dict=True).last_hidden_state
         queries = m.query_tokens.expand(image.shape[0], -1, -1)
-        q = m.qformer(query_embeds=queries, encoder_hidden_states=image,
-                      encoder_attention_mask=torch.ones(image.shape[:-1], dtype=torch.long,
-                                                        device=image.device),
-                      return_dict=True).last_hidden_state
+        # transformers keeps the Q-Former in fp32; LAVIS runs it under fp16 autocast. On CUDA
+        # in half precision, so do we: its matmuls in half precision, norms in fp32.
+        half = image.is_cuda and image.dtype in (torch.float16, torch.bfloat16)
+        with torch.autocast("cuda", dtype=image.dtype, enabled=half):
+            q = m.qformer(query_embeds=queries, encoder_hidden_states=image,
+                          encoder_attention_mask=torch.ones(image.shape[:-1], dtype=torch.long,
+                                                            device=image.device),
+                          return_dict=True).last_hidden_state
         projected = m.language_projection(q.to(image.dtype))
         embeds = self.decoder.embed_tokens(input_ids)
         slots = (input_ids == m.config.image_token_index).unsqueeze(-1)
@@ -142,9 +142,13 @@ class FastGenerator:
         return self.lm.lm_head(h).float()
 
     def prefill(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor) -> _Prefix:
+                attention_mask: torch.Tensor, ws: _Workspace) -> _Prefix:
+        """Run the prompt once per image, writing its keys/values into ``ws`` (right-aligned:
+        the workspace may be longer, its extra left positions are masked)."""
         embeds = self._prompt_embeds(pixel_values, input_ids)
         b, length = input_ids.shape
+        start = ws.length - length
+        layers = len(self.decoder.layers)
         mask = attention_mask.bool()
         positions = (attention_mask.cumsum(1) * attention_mask - 1).long()
         h = embeds + self.decoder.embed_positions(attention_mask, 0, position_ids=positions)
@@ -153,8 +157,7 @@ class FastGenerator:
         allowed = causal[None] & mask[:, None, :]
         allowed |= torch.eye(length, dtype=torch.bool, device=h.device)[None]
         attn_mask = allowed[:, None]  # (B, 1, L, L)
-        keys, values = [], []
-        for layer in self.decoder.layers:
+        for i, layer in enumerate(self.decoder.layers):
             a = layer.self_attn
             x = layer.self_attn_layer_norm(h)
             q = self._split(a.q_proj(x) * a.scaling)
@@ -162,24 +165,26 @@ class FastGenerator:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)
             h = h + a.out_proj(o.transpose(1, 2).reshape(b, length, -1))
             h = self._mlp(layer, h)
-            keys.append(k)
-            values.append(v)
-        bias = torch.zeros(b, 1, 1, length, dtype=h.dtype, device=h.device)
-        bias.masked_fill_(~mask[:, None, None, :], float("-inf"))
-        return _Prefix(keys, values, bias, attention_mask.sum(1),
-                       self._logits(h[:, -1]))
+            ws.prefix[i, :b, :, start:] = k
+            ws.prefix[layers + i, :b, :, start:] = v
+        ws.prefix_bias[:b, ..., :start] = float("-inf")
+        ws.prefix_bias[:b, ..., start:] = 0
+        ws.prefix_bias[:b, ..., start:].masked_fill_(~mask[:, None, None, :], float("-inf"))
+        ws.prefix_bias[b:] = 0  # padding images: finite, never read back
+        return _Prefix(attention_mask.sum(1), self._logits(h[:, -1]))
 
     def _step_static(self, ws: _Workspace) -> None:
         """Feed ``ws.tokens`` (one per row) at step ``ws.t_index``; write ``ws.logits``.
         Only fixed-shape tensor work: this is what a CUDA graph records."""
         h = self.decoder.embed_tokens(ws.tokens)[:, None]
         h = h + self.decoder.embed_positions(None, 0, position_ids=ws.positions[:, None])
+        layers = len(self.decoder.layers)
         for i, layer in enumerate(self.decoder.layers):
             a = layer.self_attn
             x = layer.self_attn_layer_norm(h)
             q = self._split(a.q_proj(x) * a.scaling)  # (R, H, 1, d)
-            ws.gen_k[i].index_copy_(2, ws.t_index, self._split(a.k_proj(x)))
-            ws.gen_v[i].index_copy_(2, ws.t_index, self._split(a.v_proj(x)))
+            ws.gen[i].index_copy_(2, ws.t_index, self._split(a.k_proj(x)))
+            ws.gen[layers + i].index_copy_(2, ws.t_index, self._split(a.v_proj(x)))
             o = self._attend(q, ws, i)
             h = h + a.out_proj(o)
             h = self._mlp(layer, h)
@@ -189,73 +194,73 @@ class FastGenerator:
         """Attention of one new token per row over its image's shared prompt cache and its own
         generated tokens, with one softmax over both."""
         b, k, heads, d = ws.images, ws.per_image, self.heads, self.head_dim
+        layers = len(self.decoder.layers)
         qi = q.view(b, k, heads, d).transpose(1, 2)  # (B, H, k, d)
-        s_prefix = qi @ ws.prefix_k[i].transpose(-1, -2) + ws.prefix_bias  # (B, H, k, L)
-        s_gen = q @ ws.gen_k[i].transpose(-1, -2) + ws.gen_bias  # (R, H, 1, T)
+        s_prefix = qi @ ws.prefix[i].transpose(-1, -2) + ws.prefix_bias  # (B, H, k, L)
+        s_gen = q @ ws.gen[i].transpose(-1, -2) + ws.gen_bias  # (R, H, 1, T)
         s_gen = s_gen.view(b, k, heads, -1).transpose(1, 2)  # (B, H, k, T)
         p = torch.cat([s_prefix, s_gen], dim=-1).float().softmax(-1).to(q.dtype)
-        out = p[..., :ws.length] @ ws.prefix_v[i]  # (B, H, k, d)
+        out = p[..., :ws.length] @ ws.prefix[layers + i]  # (B, H, k, d)
         p_gen = p[..., ws.length:].transpose(1, 2).reshape(b * k, heads, 1, -1)
-        out = out.transpose(1, 2).reshape(b * k, heads, 1, d) + p_gen @ ws.gen_v[i]
+        out = out.transpose(1, 2).reshape(b * k, heads, 1, d) + p_gen @ ws.gen[layers + i]
         return out.transpose(1, 2).reshape(b * k, 1, heads * d)
 
     # --- workspaces and graphs ------------------------------------------------------------
-    def _shape_for(self, images: int, per_image: int, length: int) -> tuple[int, int]:
+    def _shape_for(self, images: int, length: int) -> tuple[int, int]:
         """(image capacity, prompt length) of the workspace for a batch."""
         if not self.bucket:
             return images, length
-        for cap in GRAPH_BATCHES:
-            if cap >= images and cap * per_image <= GRAPH_MAX_ROWS:
-                step = GRAPH_PROMPT_MULTIPLE
-                return cap, -(-length // step) * step
-        return images, length
+        cap = next((c for c in GRAPH_BATCHES if c >= images), images)
+        return cap, -(-length // GRAPH_PROMPT_MULTIPLE) * GRAPH_PROMPT_MULTIPLE
+
+    def _workspace_bytes(self, images: int, per_image: int, length: int, steps: int,
+                         like: torch.Tensor) -> int:
+        per_token = 2 * len(self.decoder.layers) * self.heads * self.head_dim
+        kv = per_token * (images * length + images * per_image * steps) * like.element_size()
+        return kv + images * per_image * self.lm.lm_head.out_features * 4
 
     def _new_workspace(self, images: int, per_image: int, length: int, steps: int,
                        like: torch.Tensor) -> _Workspace:
         rows, layers = images * per_image, len(self.decoder.layers)
         dev, dt = like.device, like.dtype
-        pk = [torch.zeros(images, self.heads, length, self.head_dim, device=dev, dtype=dt)
-              for _ in range(2 * layers)]
-        gk = [torch.zeros(rows, self.heads, steps, self.head_dim, device=dev, dtype=dt)
-              for _ in range(2 * layers)]
-        vocab = self.lm.lm_head.out_features
+        prefix = torch.zeros(2 * layers, images, self.heads, length, self.head_dim, device=dev,
+                             dtype=dt)
+        gen = torch.zeros(2 * layers, rows, self.heads, steps, self.head_dim, device=dev,
+                          dtype=dt)
         table = torch.full((steps, 1, 1, 1, steps), float("-inf"), device=dev, dtype=dt)
         for t in range(steps):
             table[t, ..., :t + 1] = 0
-        ws = _Workspace(images, per_image, length, steps, pk[:layers], pk[layers:],
-                        torch.zeros(images, 1, 1, length, device=dev, dtype=dt),
-                        gk[:layers], gk[layers:], table[0].clone(),
-                        torch.full((rows,), self.pad, dtype=torch.long, device=dev),
-                        torch.zeros(rows, dtype=torch.long, device=dev),
-                        torch.zeros(1, dtype=torch.long, device=dev),
-                        torch.zeros(rows, vocab, device=dev), bias_table=table)
-        ws.bytes = sum(x.numel() * x.element_size() for x in pk + gk) + ws.logits.numel() * 4
-        return ws
+        return _Workspace(images, per_image, length, steps, prefix,
+                          torch.zeros(images, 1, 1, length, device=dev, dtype=dt), gen,
+                          table[0].clone(),
+                          torch.full((rows,), self.pad, dtype=torch.long, device=dev),
+                          torch.zeros(rows, dtype=torch.long, device=dev),
+                          torch.zeros(1, dtype=torch.long, device=dev),
+                          torch.zeros(rows, self.lm.lm_head.out_features, device=dev),
+                          bytes=self._workspace_bytes(images, per_image, length, steps, like),
+                          bias_table=table)
 
     def _workspace(self, images: int, per_image: int, length: int, steps: int,
                    like: torch.Tensor) -> _Workspace:
-        cap, padded = self._shape_for(images, per_image, length)
-        graphable = self.cuda_graphs and like.is_cuda and cap * per_image <= GRAPH_MAX_ROWS
-        if not graphable:
-            return self._new_workspace(cap, per_image, padded, steps, like)
+        cap, padded = self._shape_for(images, length)
+        graphable = (self.cuda_graphs and like.is_cuda and self._workspace_bytes(
+            cap, per_image, padded, steps, like) <= self.graph_memory_bytes)
+        if not graphable:  # eager: exact shapes unless padding was asked for (tests)
+            shape = (cap, padded) if self.bucket and not self.cuda_graphs else (images, length)
+            return self._new_workspace(shape[0], per_image, shape[1], steps, like)
         key = (cap, per_image, padded, steps, like.dtype, like.device)
-        ws = self._cache.pop(key, None) or self._new_workspace(cap, per_image, padded, steps,
-                                                                like)
+        ws = self._cache.pop(key, None)
+        if ws is None:
+            self._evict(self._workspace_bytes(cap, per_image, padded, steps, like))
+            ws = self._new_workspace(cap, per_image, padded, steps, like)
         self._cache[key] = ws  # most recently used last
-        while (len(self._cache) > 1 and
-               sum(w.bytes for w in self._cache.values()) > self.graph_memory_bytes):
-            self._cache.popitem(last=False)
         return ws
 
-    def _load_prefix(self, ws: _Workspace, prefix: _Prefix) -> None:
-        b, length = prefix.bias.shape[0], prefix.bias.shape[-1]
-        start = ws.length - length  # left padding up to the workspace's length
-        for i in range(len(prefix.keys)):
-            ws.prefix_k[i][:b, :, start:].copy_(prefix.keys[i])
-            ws.prefix_v[i][:b, :, start:].copy_(prefix.values[i])
-        ws.prefix_bias[:b, ..., :start] = float("-inf")
-        ws.prefix_bias[:b, ..., start:].copy_(prefix.bias)
-        ws.prefix_bias[b:] = 0  # padding images: finite, never read back
+    def _evict(self, incoming: int) -> None:
+        """Drop least recently used workspaces until ``incoming`` more bytes fit the budget."""
+        while self._cache and (sum(w.bytes for w in self._cache.values()) + incoming
+                               > self.graph_memory_bytes):
+            self._cache.popitem(last=False)
 
     def _run_step(self, ws: _Workspace, tokens: torch.Tensor, positions: torch.Tensor,
                   t: int) -> torch.Tensor:
@@ -333,13 +338,12 @@ class FastGenerator:
     def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor, params: GenerationParams) -> list[list[int]]:
         """New token ids per output row (image-major: ``num_captions`` rows per image)."""
-        prefix = self.prefill(pixel_values, input_ids, attention_mask)
         sampling = params.use_nucleus_sampling or params.effective_beams == 1
         per_image = (params.num_captions if params.use_nucleus_sampling else 1) if sampling \
             else params.num_beams
         ws = self._workspace(input_ids.shape[0], per_image, input_ids.shape[1],
-                             params.max_length, prefix.keys[0])
-        self._load_prefix(ws, prefix)
+                             params.max_length, self.decoder.embed_tokens.weight)
+        prefix = self.prefill(pixel_values, input_ids, attention_mask, ws)
         if sampling:
             return self._sample(ws, prefix, input_ids, params, per_image)
         return self._beam_search(ws, prefix, input_ids, params)
@@ -426,10 +430,8 @@ class FastGenerator:
             improvable = improvable & (best_running > worst).any(-1, keepdim=True)
             if not bool(improvable.any()) or bool(ends.all()):
                 break
-            if t:
-                n = b * k  # follow the surviving beams' histories (real rows only)
-                for buf in ws.gen_k + ws.gen_v:
-                    buf[:n, :, :t] = buf[rows, :, :t]
+            if t:  # follow the surviving beams' histories (real rows only), all layers at once
+                ws.gen[:, :b * k, :, :t] = ws.gen[:, rows, :, :t]
             logits = self._run_step(ws, seqs[:, :, -1].reshape(-1), positions + t, t)
         best = fin_seqs[:, :params.num_captions, prompt_len:].reshape(b * params.num_captions, -1)
         return best.tolist()
