@@ -184,20 +184,30 @@ def load_pretrained(source: str, device: torch.device, dtype: torch.dtype) -> Lo
     kwargs = dict(local_files_only=offline)
     try:
         tok = AutoTokenizer.from_pretrained(source, **kwargs)
+        # device_map (accelerate) loads the weights straight onto the GPU: no CPU copy
         model = Blip2ForConditionalGeneration.from_pretrained(
             source, dtype=dtype, attn_implementation="sdpa", device_map=str(device), **kwargs)
-    except (OSError, ValueError) as exc:
+    except OSError as exc:  # missing files, no network, unknown repo
         raise ModelLoadError(missing_weights_message(source, exc)) from exc
+    except (ValueError, RuntimeError, KeyError) as exc:  # files there but unusable
+        raise ModelLoadError(f"cannot load the model BLIP_MODEL={source!r}: "
+                             f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}. "
+                             "Re-download it with `python builder/fetch_model.py`.") from exc
     tok.padding_side = "left"
     return _loaded(model.eval(), tok, source)
 
 
 def missing_weights_message(source: str, exc: BaseException | None = None) -> str:
     reason = f" ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})" if exc else ""
+    if os.path.isabs(source) or source.startswith(".") or os.path.exists(source):
+        fetch = (f"`python builder/fetch_model.py --out {source}` (downloads "
+                 "Salesforce/blip2-opt-2.7b-coco there)")
+    else:
+        fetch = (f"`python builder/fetch_model.py --model {source} --out models/blip2` and set "
+                 "BLIP_MODEL=models/blip2")
     return (f"cannot load the model BLIP_MODEL={source!r}{reason}. Download it first with "
-            f"`python builder/fetch_model.py --model {source} --out models/blip2` and set "
-            "BLIP_MODEL=models/blip2 (the Docker image does this at build time), or try the worker "
-            "without weights with BLIP_MODEL=tiny-random.")
+            f"{fetch} (the Docker image does this at build time), or try the worker without "
+            "weights: `make run BLIP_MODEL=tiny-random` (BLIP_MODEL=tiny-random).")
 
 
 def _loaded(model, tok, model_id: str) -> LoadedModel:
