@@ -53,6 +53,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("inject_oom_above_batch", "BLIP_INJECT_OOM_ABOVE_BATCH", "opt_int", None,
             "Chaos knob: any generate call with more images than this raises an out-of-memory "
             "error (also on CPU). Unset in production.", lo=0, hi=100000),
+    Setting("inject_cuda_error_prompt", "BLIP_INJECT_CUDA_ERROR_PROMPT", "str", "",
+            "Chaos knob: a batch with a row whose prompt equals this text fails as a corrupted "
+            "CUDA context would (the job answers with refresh_worker). Unset in production."),
     Setting("decoder", "BLIP_DECODER", "choice", "fast",
             "Decoding loop of the transformers engine: `fast` (prompt prefilled once per image "
             "and shared by its beams; same tokens as transformers) or `hf` (transformers' own "
@@ -152,6 +155,7 @@ class Config:
     device: str
     max_batch_size: int
     inject_oom_above_batch: int | None
+    inject_cuda_error_prompt: str
     decoder: str
     cuda_graphs: bool
     warmup: bool

@@ -154,6 +154,9 @@ class BaseEngine:
             raise torch.OutOfMemoryError(
                 f"injected out-of-memory for a batch of {n} (BLIP_INJECT_OOM_ABOVE_BATCH="
                 f"{self.inject_oom_above})")
+        if self.cfg.inject_cuda_error_prompt and self.cfg.inject_cuda_error_prompt in prompts:
+            raise FatalDeviceError("CUDA error: an illegal memory access was encountered "
+                                   "(injected: BLIP_INJECT_CUDA_ERROR_PROMPT)")
         try:
             with torch.inference_mode():
                 out = self._generate(pixels, prompts, params)

@@ -188,3 +188,15 @@ def test_non_dict_input_is_a_readable_error(worker):
     for bad in (None, [], "data_url", 42):
         out = worker.run(bad)
         assert set(out) == {"error"} and out["error"]
+
+
+def test_injected_cuda_error_fails_only_the_job_that_hit_it(tmp_path):
+    w = make_worker(tmp_path, BLIP_INJECT_CUDA_ERROR_PROMPT="corrupt the gpu")
+    try:
+        uri = testlib.data_uri(testlib.jpeg(seed=400), "image/jpeg")
+        bad = w.run({"data_url": uri, "prompt": "corrupt the gpu", **FAST})
+        good = w.run({"data_url": uri, **FAST})
+        assert bad["refresh_worker"] is True and "injected" in bad["error"]
+        assert good["captions"] and "error" not in good
+    finally:
+        w.close()
