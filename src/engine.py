@@ -224,11 +224,12 @@ class BaseEngine:
         return self.warmup_s
 
     def free_memory(self, drop_caches: bool = False) -> None:
-        """Collect garbage and return cached GPU blocks; ``drop_caches`` also drops the
-        engine's own reusable buffers (after an out-of-memory error)."""
+        """Return cached GPU blocks to the driver. ``drop_caches`` (after an out-of-memory
+        error) also drops the engine's reusable buffers and runs the garbage collector, which
+        costs up to a second with a model loaded: not something to do after every job."""
         if drop_caches:
             self.drop_caches()
-        gc.collect()
+            gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

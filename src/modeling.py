@@ -112,7 +112,7 @@ def tiny_config(tok):
         vision_config=dict(tiny, image_size=364, patch_size=14, initializer_range=0.5),
         qformer_config=dict(tiny, encoder_hidden_size=32, initializer_range=0.3),
         text_config=OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                              ffn_dim=64, num_attention_heads=2, max_position_embeddings=512,
+                              ffn_dim=64, num_attention_heads=2, max_position_embeddings=640,
                               word_embed_proj_dim=32, init_std=1.5, pad_token_id=OPT_PAD,
                               bos_token_id=OPT_BOS, eos_token_id=newline_id(tok)).to_dict(),
         num_query_tokens=NUM_QUERY_TOKENS, initializer_range=0.3,

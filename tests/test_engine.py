@@ -234,3 +234,10 @@ def test_engine_module_does_not_import_runpod():
 def test_engine_is_the_transformers_engine(engine):
     assert isinstance(engine, TransformersEngine) and engine.name == "transformers"
     assert engine.model_id == "tiny-random" and engine.warmup_s > 0
+
+
+def test_the_longest_request_the_schema_allows_fits(engine):
+    # 300-character prompt + 200 new tokens + 32 query tokens + BOS: within the position table
+    res = engine.caption(distinct_images(1), GenerationParams(num_beams=2, max_length=200,
+                                                              min_length=200), prompts="x" * 300)
+    assert res[0].error is None and len(res[0].caption) >= 195
