@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -104,6 +105,21 @@ SETTINGS: tuple[Setting, ...] = (
             "First retry delay in seconds; doubles on each retry.", lo=0, hi=60),
     Setting("work_dir", "WORK_DIR", "str", "",
             "Parent directory for each job's private temporary directory; empty = system temp."),
+    # --- caption zips (output_format "zip") ---------------------------------------------------
+    Setting("bucket_endpoint_url", "BUCKET_ENDPOINT_URL", "str", "",
+            "S3-compatible endpoint for caption zips (`output_format: zip`). With the three "
+            "settings below, zips are uploaded and returned as `captions_zip_url` (a presigned "
+            "link, valid 7 days); unset, they are returned inline. Set all four or none."),
+    Setting("bucket_access_key_id", "BUCKET_ACCESS_KEY_ID", "str", "",
+            "Access key id for `BUCKET_ENDPOINT_URL`."),
+    Setting("bucket_secret_access_key", "BUCKET_SECRET_ACCESS_KEY", "str", "",
+            "Secret access key for `BUCKET_ENDPOINT_URL` (never logged)."),
+    Setting("bucket_name", "BUCKET_NAME", "str", "",
+            "Bucket the caption zips go to, as `<job id>/captions.zip`."),
+    Setting("max_inline_zip_bytes", "MAX_INLINE_ZIP_BYTES", "int", 5 * MB,
+            "Largest caption zip returned inline (base64, a third larger) when no bucket is set; "
+            "a larger one is reported in `captions_zip_error`. RunPod refuses results over "
+            "about 20 MB.", lo=0, hi=10 * MB),
     Setting("log_level", "BLIP_LOG_LEVEL", "choice", "INFO",
             "Log level of the worker's own messages.", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
 )
@@ -175,6 +191,11 @@ class Config:
     download_retries: int
     retry_backoff_s: float
     work_dir: str
+    bucket_endpoint_url: str
+    bucket_access_key_id: str
+    bucket_secret_access_key: str = dataclasses.field(repr=False)
+    bucket_name: str
+    max_inline_zip_bytes: int
     log_level: str
 
     @classmethod
@@ -200,12 +221,36 @@ class Config:
         if device not in ("auto", "cpu", "cuda") and not (
                 device.startswith("cuda:") and device[5:].isdigit()):
             problems.append(f"BLIP_DEVICE={device!r}: must be auto, cpu, cuda or cuda:N.")
+        problems += _bucket_problems(values)
         if problems:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
         return cls(**values)
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
+
+
+BUCKET_FIELDS = ("bucket_endpoint_url", "bucket_access_key_id", "bucket_secret_access_key",
+                 "bucket_name")
+
+
+def _bucket_problems(values: Mapping[str, Any]) -> list[str]:
+    """The four bucket settings go together: all set (caption zips are uploaded) or none."""
+    env = {s.field: s.env for s in SETTINGS}
+    given = [f for f in BUCKET_FIELDS if values.get(f)]
+    if not given:
+        return []
+    problems = []
+    if len(given) < len(BUCKET_FIELDS):
+        missing = ", ".join(env[f] for f in BUCKET_FIELDS if f not in given)
+        problems.append(f"{missing} unset while {', '.join(env[f] for f in given)} set: caption "
+                        "zips are uploaded only when all four are set; set the missing ones, or "
+                        "unset them all to return caption zips inline.")
+    url = values.get("bucket_endpoint_url", "")
+    if url and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url, re.IGNORECASE):
+        problems.append("BUCKET_ENDPOINT_URL: must be an http(s) URL such as "
+                        "https://s3.example.com.")
+    return problems
 
 
 def defaults() -> Config:

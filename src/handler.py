@@ -48,7 +48,8 @@ def _progress_reporter(job: dict):
     on_runpod = bool(os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"))
 
     def report(done: int, total: int | None) -> None:
-        text = f"captioned {done}/{total} images" if total else f"captioned {done} images so far"
+        images = "image" if done == 1 else "images"
+        text = f"captioned {done}/{total} images" if total else f"captioned {done} {images} so far"
         if on_runpod:
             import runpod
             runpod.serverless.progress_update(job, text)

@@ -143,7 +143,8 @@ class Worker:
                      - (state.first_gpu_at or 0.0))
         timings = {"fetch_s": round(fetch_s, 3), "caption_s": round(max(caption_s, 0.0), 3),
                    "total_s": round(time.monotonic() - started, 3)}
-        out = output.build(request, results, failures, skipped, self.engine, timings)
+        out = output.build(request, results, failures, skipped, self.engine, timings, job_id,
+                           self.cfg)
         log.info("job %s: %d captions, %d errors, %d skipped in %.2fs", job_id,
                  len(out["captions"]), len(out.get("errors", [])), skipped, timings["total_s"])
         return out

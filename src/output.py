@@ -12,11 +12,17 @@ Success (RunPod status COMPLETED)::
 caption entry also has ``"alternatives"``: the other ``num_captions - 1`` captions, best first
 (``caption`` stays the single best string). When not one image could be captioned the job fails
 (``JobError``) with a message that lists the first problems.
+
+With ``output_format: "zip"`` the output also has one of ``captions_zip_url``, ``captions_zip``
+(base64) or ``captions_zip_error``, last (after ``timings``, so the readable part comes first):
+the same captions as ``<image name>.txt`` files; naming and delivery rules are in ``deliver``.
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
 
+import deliver
+from config import Config
 from engine import CaptionResult, compose
 from errors import JobError, short
 
@@ -25,8 +31,10 @@ MAX_ERRORS_IN_MESSAGE = 10
 
 def build(request: Any, results: Sequence[tuple[Any, CaptionResult]],
           failures: Sequence[tuple[tuple[int, int], str, str]], skipped: int, engine: Any,
-          timings: dict[str, float]) -> dict:
-    """Merge captioned images and failures into the output, in input order."""
+          timings: dict[str, float], job_id: str, cfg: Config) -> dict:
+    """Merge captioned images and failures into the output, in input order; with
+    ``output_format: "zip"`` add the caption zip (uploaded for ``job_id`` when ``cfg`` names a
+    bucket)."""
     rows: list[tuple[tuple[int, int], dict]] = []
     errors: list[tuple[tuple[int, int], dict]] = []
     for entry, res in results:
@@ -49,6 +57,8 @@ def build(request: Any, results: Sequence[tuple[Any, CaptionResult]],
     if skipped:
         out["skipped"] = skipped
     out.update(model=engine.model_id, engine=engine.name, timings=timings)
+    if request.output_format == "zip":
+        out.update(deliver.zip_fields(request, rows, job_id, cfg))
     return out
 
 

@@ -118,7 +118,7 @@ _BOUNDS_TEXT: dict[str, Callable[[FieldSpec], str]] = {
     "int": _int_range, "opt_int": _int_range, "float": _float_range,
     "bool": lambda s: "",
     "str": lambda s: f"≤ {_num(s.hi)} characters",
-    "choice": lambda s: " | ".join(s.choices),
+    "choice": lambda s: " / ".join(s.choices),  # "|" would split a Markdown table cell
 }
 _EXPECTED: dict[str, Callable[[FieldSpec, Config], str]] = {
     "url": lambda s, cfg: SOURCE_FORMS,
@@ -172,6 +172,9 @@ FIELDS: tuple[FieldSpec, ...] = (
               "Captions per image.", 1, 10, rule="≤ num_beams unless sampling"),
     FieldSpec("include_prompt", "bool", False,
               "Start each caption with the prompt."),
+    FieldSpec("output_format", "choice", "json",
+              "`zip` also returns the captions as a zip of `<image name>.txt` files "
+              "(see \"Captions as files\").", choices=("json", "zip")),
 )
 FIELD_BY_NAME = {s.name: s for s in FIELDS}
 
@@ -283,7 +286,18 @@ def _unknown_keys(raw: dict) -> list[str]:
 
 
 def _field_problem(spec: FieldSpec, value: Any, cfg: Config) -> str:
+    if isinstance(value, str) and not _is_text(value):
+        return (f"{spec.name}: must be valid Unicode text (it contains an unpaired surrogate, "
+                "e.g. a broken \\ud800 escape); send UTF-8 text")
     return f"{spec.name}: must be {spec.expected(cfg)} (got {show(value)})"
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _item_problem(name: str, index: int, value: Any, problem: str) -> str:

@@ -351,3 +351,9 @@ def test_fuzz_parse_request_returns_or_raises_job_error(raw):
         assert "Z" * 50 not in exc.message and "K" * 50 not in exc.message
         return
     assert req.sources and isinstance(req.generation, GenerationParams)
+
+
+def test_text_with_a_lone_surrogate_is_named_as_broken_text():
+    with pytest.raises(JobError) as info:
+        parse_request({"data_url": "https://example.com/a.jpg", "prompt": "a \ud800 b"}, CFG)
+    assert "prompt: must be valid Unicode text" in info.value.message
