@@ -361,8 +361,9 @@ class FastGenerator:
         for t in range(params.max_length):
             scores = self._process(logits, history, t, params)
             if params.use_nucleus_sampling:
-                if params.temperature != 1.0:
-                    scores = scores / params.temperature
+                if params.temperature != 1.0:  # a tiny temperature overflows: cap at the
+                    big = torch.finfo(scores.dtype).max  # largest finite value (~greedy)
+                    scores = torch.nan_to_num(scores / params.temperature, posinf=big)
                 scores = self._top_k(scores, SAMPLING_TOP_K)
                 probs = self._top_p(scores, params.top_p).softmax(-1)
                 token = torch.multinomial(probs, 1)[:, 0]

@@ -12,7 +12,9 @@ Fetching:
   redirect hop re-checked; ``RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS=true`` opens private addresses).
   They run concurrently (DOWNLOAD_CONCURRENCY per job), with connect/read timeouts and a total
   deadline per file, retries included (DOWNLOAD_DEADLINE_S). A slow drip never trips a read
-  timeout, so a watchdog timer shuts the socket down at the deadline, which ends a blocked read.
+  timeout, so a watchdog timer shuts the sockets down at the deadline, which ends a blocked read:
+  it covers the whole attempt, connection, headers (a server can drip those too), every redirect
+  hop and the body. Cancelling a job cuts its downloads the same way.
   Connection errors, timeouts and 5xx answers are retried with exponential backoff; 4xx never.
   Identity encoding is requested; a server that compresses anyway is decoded by urllib3, whose
   decoder bounds its output per read, and the cap counts decoded bytes (gzip bombs stop there).
@@ -37,7 +39,8 @@ Zips (read in place, nothing is ever extracted, so zip-slip names are just label
 
 Labels (``image_path``): the URL for an image URL; ``data_url`` / ``data_urls[i]`` for inline
 data; a zip member's path, prefixed by the zip's label (``f"{label}/{member}"``) when the job
-has several sources.
+has several sources. Unprintable characters in labels and messages (a newline, a lone surrogate)
+are written as escapes (``printable``), so every answer is readable and encodes as UTF-8.
 
 Decoding: PIL limited to the formats above; width*height checked against MAX_IMAGE_PIXELS right
 after ``Image.open`` (before pixels load); JPEGs decode in draft mode at a DCT scale no smaller
@@ -54,6 +57,7 @@ import binascii
 import os
 import re
 import shutil
+import socket
 import stat
 import tempfile
 import threading
@@ -70,6 +74,7 @@ from typing import BinaryIO, Callable, Iterator
 
 import requests
 import urllib3
+import urllib3.util.connection
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 from runpod.serverless.utils import rp_ssrf
 
@@ -163,7 +168,19 @@ def _megapixels(n: int) -> str:
 def _reason(exc: BaseException) -> str:
     """A short, path-free description of an exception."""
     text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    return short(text, 100)
+    return short(printable(text), 100)
+
+
+def printable(text: str) -> str:
+    """``text`` with every unprintable character (controls such as a newline, lone surrogates,
+    bidi overrides) written as its escape (``\\n``, ``\\ud800``): what comes from a job's input
+    (a URL, a member name) goes into labels, messages and logs as one readable line that also
+    encodes as UTF-8. A lone surrogate, legal in JSON input, would otherwise make the result
+    unsendable (runpod encodes it as UTF-8: the local API answers 500, RunPod gets no result)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
 
 
 def _not_an_image(head: bytes, size: int) -> str:
@@ -321,17 +338,47 @@ def _abort(resp: requests.Response) -> None:
             resp.close()
 
 
-class _Watchdog:
-    """Cuts one transfer at the download deadline, whatever the server's pace."""
+def _shutdown(sock: socket.socket) -> None:
+    """End a read blocked on ``sock`` in another thread (a closed socket raises: ignored)."""
+    with suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
-    def __init__(self, resp: requests.Response, seconds: float):
-        self.fired = False
-        self._timer = threading.Timer(seconds, self._fire, (resp,))
+
+class _Watchdog:
+    """Cuts one download attempt at the deadline, whatever the server's pace: while it connects,
+    waits for headers (a server may drip them too), follows redirects and streams the body.
+    What it cuts is registered with ``watch``: each socket the attempt's thread opens (see
+    ``_opened``) and the response."""
+
+    def __init__(self, seconds: float):
+        self.fired = False  # the deadline passed
+        self._lock = threading.Lock()
+        self._cut = False  # everything watched is cut, and so is what is watched from now on
+        self._cuts: list[Callable[[], None]] = []
+        self._timer = threading.Timer(seconds, self._fire)
         self._timer.daemon = True
 
-    def _fire(self, resp: requests.Response) -> None:
+    def watch(self, cut: Callable[[], None]) -> None:
+        """Call ``cut`` at the deadline or on ``cut_all`` (at once if that already happened:
+        a socket opened after a cancel is cut as it opens)."""
+        with self._lock:
+            if not self._cut:
+                self._cuts.append(cut)
+                return
+        with suppress(Exception):
+            cut()
+
+    def _fire(self) -> None:
         self.fired = True
-        _abort(resp)
+        self.cut_all()
+
+    def cut_all(self) -> None:
+        with self._lock:
+            self._cut = True
+            cuts, self._cuts = self._cuts, []
+        for cut in cuts:
+            with suppress(Exception):
+                cut()
 
     def start(self) -> None:
         self._timer.start()
@@ -340,22 +387,46 @@ class _Watchdog:
         self._timer.cancel()
 
 
+# The watchdog of the attempt a download thread is making. urllib3 opens the sockets inside
+# runpod's safe_get, out of reach, so its connection factory is wrapped (once, process-wide,
+# when the first downloader is made;
+# threads without a watchdog are not affected) to register each socket with that watchdog.
+_opened = threading.local()
+
+
+def _register_sockets() -> None:
+    real = urllib3.util.connection.create_connection
+    if getattr(real, "registers_with_watchdog", False):
+        return
+
+    def create_connection(*args, **kwargs):
+        sock = real(*args, **kwargs)
+        watchdog = getattr(_opened, "watchdog", None)
+        if watchdog is not None:
+            watchdog.watch(partial(_shutdown, sock))
+        return sock
+
+    create_connection.registers_with_watchdog = True  # type: ignore[attr-defined]
+    urllib3.util.connection.create_connection = create_connection
+
+
 class _Downloader:
     """Streams http(s) URLs to files: SSRF guard, timeouts, deadline, retries, size cap."""
 
     def __init__(self, cfg: Config):
+        _register_sockets()  # idempotent; done here, not at import: importing has no effects
         self.cfg = cfg
         self.cancelled = threading.Event()
         self._lock = threading.Lock()
-        self._active: set[requests.Response] = set()
+        self._active: set[_Watchdog] = set()
 
     def cancel(self) -> None:
         """Stop every download: pending backoffs end, blocked reads return."""
         self.cancelled.set()
         with self._lock:
             active = list(self._active)
-        for resp in active:
-            _abort(resp)
+        for watchdog in active:
+            watchdog.cut_all()
 
     def fetch(self, url: str, path: str) -> str:
         """Download ``url`` into ``path`` and return its type; raise ImageError."""
@@ -387,15 +458,19 @@ class _Downloader:
         left = deadline - time.monotonic()
         if left <= 0:
             raise ImageError(self._deadline_text())
-        resp = self._open(url, left)
-        with self._transfer(resp, left) as watchdog:
-            _check_status(resp)
-            with open(path, "wb") as file:
-                sink = _Sink(file, self.cfg, _content_length(resp))
-                self._stream(resp, sink, watchdog)
-                return sink.finish()
+        with self._watching(left) as watchdog:
+            resp = self._open(url, left, watchdog)
+            try:
+                watchdog.watch(partial(_abort, resp))
+                _check_status(resp)
+                with open(path, "wb") as file:
+                    sink = _Sink(file, self.cfg, _content_length(resp))
+                    self._stream(resp, sink, watchdog)
+                    return sink.finish()
+            finally:
+                resp.close()
 
-    def _open(self, url: str, left: float) -> requests.Response:
+    def _open(self, url: str, left: float, watchdog: _Watchdog) -> requests.Response:
         cfg = self.cfg
         timeout = (min(cfg.connect_timeout_s, left), min(cfg.read_timeout_s, left))
         try:
@@ -405,26 +480,30 @@ class _Downloader:
         except rp_ssrf.SSRFError as exc:
             raise ImageError(_refusal(str(exc), cfg)) from None
         except (requests.ConnectionError, requests.Timeout) as exc:
-            raise _Retry(_network_reason(exc, cfg)) from None
+            raise self._read_failure(exc, watchdog) from None
         except (requests.RequestException, ValueError) as exc:
+            if watchdog.fired or self.cancelled.is_set():  # a cut socket can fail oddly
+                raise self._read_failure(exc, watchdog) from None
             raise ImageError(f"not a valid URL ({_reason(exc)})") from None
 
     @contextmanager
-    def _transfer(self, resp: requests.Response, seconds: float) -> Iterator[_Watchdog]:
-        """Register ``resp`` for cancellation and arm the deadline watchdog for its body."""
-        watchdog = _Watchdog(resp, seconds)
+    def _watching(self, seconds: float) -> Iterator[_Watchdog]:
+        """Arm the deadline watchdog for one attempt, register it for cancellation, and have
+        the sockets this thread opens meanwhile registered with it."""
+        watchdog = _Watchdog(seconds)
         with self._lock:
-            self._active.add(resp)
+            self._active.add(watchdog)
+        _opened.watchdog = watchdog
         try:
             if self.cancelled.is_set():
                 raise _Cancelled()
             watchdog.start()
             yield watchdog
         finally:
+            _opened.watchdog = None
             watchdog.cancel()
             with self._lock:
-                self._active.discard(resp)
-            resp.close()
+                self._active.discard(watchdog)
 
     def _stream(self, resp: requests.Response, sink: _Sink, watchdog: _Watchdog) -> None:
         while True:
@@ -581,13 +660,13 @@ class JobInputs:
         """The source, for a job error: its field, and its URL when it has one."""
         if self._is_data(i):
             return self._field(i)
-        return f"{self._field(i)} ({short(self._sources[i], 100)})"
+        return f"{self._field(i)} ({short(printable(self._sources[i]), 100)})"
 
     def _label(self, i: int) -> str:
-        return self._field(i) if self._is_data(i) else self._sources[i]
+        return self._field(i) if self._is_data(i) else printable(self._sources[i])
 
     def _member_label(self, i: int, name: str) -> str:
-        return f"{self._label(i)}/{name}" if len(self._sources) > 1 else name
+        return f"{self._label(i)}/{printable(name)}" if len(self._sources) > 1 else printable(name)
 
     # -- fetching (download pool threads) --
 
@@ -624,6 +703,7 @@ class JobInputs:
 
     def _source_failure(self, i: int, message: str) -> ImageFailure:
         """A whole source failed: the job fails when it was the only one (``data_url``)."""
+        message = printable(message)  # it may quote the URL (a refusal, a requests error)
         if self._single:
             raise JobError(f"{self._where(i)}: {message}")
         self._admit(1, i)
