@@ -88,6 +88,7 @@ RATIO_FLOOR = 64 * 1024  # members smaller than this (uncompressed) skip the rat
 HEAD_BYTES = 16  # enough to tell every supported type apart
 CHUNK = 64 * 1024  # largest single read from the network
 B64_CHUNK = 1 << 20  # base64 characters decoded at a time (a multiple of 4)
+_WHITESPACE = (" ", "\n", "\r", "\t", "\f", "\v")  # what line-wrapped base64 may contain
 
 ZIP = "ZIP"
 IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF")  # PIL format names
@@ -255,7 +256,7 @@ class _Sink:
 def _save_data_uri(uri: str, path: str, cfg: Config) -> str:
     """Decode a base64 data: URI into ``path`` in slices (bounded memory); return its type."""
     payload = uri.split(",", 1)[1]
-    if re.search(r"\s", payload):
+    if any(ws in payload for ws in _WHITESPACE):  # substring scans: fast on megabytes
         payload = re.sub(r"\s+", "", payload)
     size = len(payload) * 3 // 4 - payload[-2:].count("=")
     with open(path, "wb") as file:
