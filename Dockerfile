@@ -86,7 +86,8 @@ COPY src/ src/
 COPY test_input.json ./
 
 # LAVIS engine: its checkpoints are fetched by src/engine_lavis.py into this user's default
-# torch hub and Hugging Face caches, where the worker reads them.
+# torch hub and Hugging Face caches, where the worker reads them. (This step needs src/, so for
+# the LAVIS variant an edit of src/ fetches them again; the transformers variant does not.)
 RUN if [ "$BLIP_ENGINE" = lavis ]; then python builder/fetch_model.py --engine lavis; fi
 
 # Per-engine model setting. ENV cannot branch on a build arg, so each engine gets a one-line

@@ -65,12 +65,14 @@ class Batcher:
         return self
 
     def stop(self) -> None:
+        """Stop the GPU thread; images still queued fail (nothing waits forever)."""
         with self._cv:
             self._stop = True
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        self._fail_queued(RuntimeError("the GPU batcher stopped before captioning this image"))
 
     # --- API ------------------------------------------------------------------------------
     def submit(self, pixels: torch.Tensor, prompt: str, params: GenerationParams,
@@ -171,17 +173,20 @@ class Batcher:
             self._oom_caps[params] = worked
         self.batches_run += 1
         self.batch_sizes = (self.batch_sizes + [size])[-1000:]
-        counts: dict[int, tuple[Callable[[int], None], int]] = {}
-        for it, res in zip(live, results):
-            it.future.set_result(res)
+        # One progress call per job per batch, before the results: a job's final answer must
+        # never be overtaken by its own progress post. (Bound methods compare and hash equal
+        # when they are the same method of the same object, so they group correctly.)
+        counts: dict[Callable[[int], None], int] = {}
+        for it in live:
             if it.on_batch is not None:
-                cb, n = counts.get(id(it.on_batch), (it.on_batch, 0))
-                counts[id(it.on_batch)] = (cb, n + 1)
-        for cb, n in counts.values():
+                counts[it.on_batch] = counts.get(it.on_batch, 0) + 1
+        for cb, n in counts.items():
             try:
                 cb(n)
             except Exception as exc:  # noqa: BLE001 - progress is never fatal
                 log.warning("progress callback failed: %s", exc)
+        for it, res in zip(live, results):
+            it.future.set_result(res)
 
 
 __all__ = ["Batcher", "CaptionResult"]

@@ -167,7 +167,8 @@ class FolderCaptioner:
         self.cfg = cfg
         self.request = request
         self.progress = progress  # a tqdm bar: update(n), write(text, file)
-        self.batch = request.batch_size or engine.batch_limit(request.generation)
+        limit = engine.batch_limit(request.generation)  # --batch-size caps it, as in the API
+        self.batch = min(request.batch_size, limit) if request.batch_size else limit
         self.summary = Summary()
 
     def _prepare(self, task: Task):

@@ -100,7 +100,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("download_deadline_s", "DOWNLOAD_DEADLINE_S", "float", 300.0,
             "Total seconds allowed for one file, retries included.", lo=0.01, hi=86400),
     Setting("download_retries", "DOWNLOAD_RETRIES", "int", 3,
-            "Retries after a connection error or a 5xx answer (never after a 4xx).", lo=0, hi=20),
+            "Retries after a connection error, a 5xx, 408 or 429 answer (honouring Retry-After); "
+            "never after another 4xx.", lo=0, hi=20),
     Setting("retry_backoff_s", "DOWNLOAD_RETRY_BACKOFF_S", "float", 0.5,
             "First retry delay in seconds; doubles on each retry.", lo=0, hi=60),
     Setting("work_dir", "WORK_DIR", "str", "",

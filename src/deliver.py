@@ -137,15 +137,6 @@ def _field_name(request: Any, i: int) -> str:
     return "data_url" if request.single else f"data_urls_{i}"
 
 
-def _label(request: Any, i: int) -> str:
-    """The ``image_path`` inputs.JobInputs gives source ``i`` (and prefixes its members with
-    when the job has several sources)."""
-    source = request.sources[i]
-    if source[:5].lower() == "data:":
-        return "data_url" if request.single else f"data_urls[{i}]"
-    return source
-
-
 def _url_name(request: Any, i: int) -> str:
     """The last path segment of source ``i``'s URL, made safe; the field name when inline."""
     source = request.sources[i]
@@ -156,23 +147,13 @@ def _url_name(request: Any, i: int) -> str:
     return _field_name(request, i)
 
 
-def _member(request: Any, i: int, image_path: str) -> str | None:
-    """The zip member name behind ``image_path``, or None when source ``i`` is one image."""
-    label = _label(request, i)
-    if image_path == label:
-        return None
-    if request.single:
-        return image_path
-    prefix = label + "/"
-    return image_path[len(prefix):] if image_path.startswith(prefix) else image_path
-
-
-def caption_files(request: Any, rows: Iterable[tuple[tuple[int, int], dict]]
-                  ) -> list[tuple[str, str]]:
-    """``(path in the zip, file content)`` for each captioned row, in output order."""
+def caption_files(request: Any, rows: Iterable[tuple[tuple[int, int], dict]],
+                  members: dict[tuple[int, int], str]) -> list[tuple[str, str]]:
+    """``(path in the zip, file content)`` for each captioned row, in output order.
+    ``members`` gives each row's raw zip member name ("" for a whole source), as read from the
+    zip: never parsed back out of the display label."""
     rows = sorted(rows, key=lambda r: r[0])
-    located = [(order[0], _member(request, order[0], row["image_path"]), row)
-               for order, row in rows]
+    located = [(order[0], members.get(order) or None, row) for order, row in rows]
     names = CaptionNames()
     folders: dict[int, Path] = {}
     for i, member, _ in located:  # zip folders first, in source order: files then avoid them
@@ -229,10 +210,10 @@ def upload(data: bytes, job_id: str, cfg: Config) -> str:
     return url
 
 
-def zip_fields(request: Any, rows: Sequence[tuple[tuple[int, int], dict]], job_id: str,
-               cfg: Config) -> dict[str, str]:
+def zip_fields(request: Any, rows: Sequence[tuple[tuple[int, int], dict]],
+               members: dict[tuple[int, int], str], job_id: str, cfg: Config) -> dict[str, str]:
     """``captions_zip_url``, ``captions_zip`` or ``captions_zip_error`` (see module docstring)."""
-    files = caption_files(request, rows)
+    files = caption_files(request, rows, members)
     data = build_zip(files)
     size = human_size(len(data))
     if bucket_configured(cfg):

@@ -181,14 +181,14 @@ class BaseEngine:
         while i < len(pixels):
             chunk = slice(i, i + size)
             try:
-                batch = torch.stack(list(pixels[chunk]))
-                out = self.generate_batch(batch, prompts[chunk], params)
-            except torch.OutOfMemoryError as exc:
-                batch = None
+                out = self.generate_batch(torch.stack(list(pixels[chunk])), prompts[chunk], params)
+            except torch.OutOfMemoryError:
+                out = None  # handled below: the traceback still holds the batch's tensors here
+            if out is None:
                 self.free_memory(drop_caches=True)
                 if size == 1:
                     log.warning("out of memory on a single image; giving up on it")
-                    results.append(CaptionResult(error=oom_message(params, exc)))
+                    results.append(CaptionResult(error=oom_message(params)))
                     i += 1
                 else:
                     size = max(1, size // 2)
@@ -253,7 +253,7 @@ class BaseEngine:
         return stats
 
 
-def oom_message(params: GenerationParams, exc: BaseException) -> str:
+def oom_message(params: GenerationParams) -> str:
     return ("out of GPU memory even when captioned alone "
             f"(num_beams={params.num_beams}, max_length={params.max_length}, "
             f"num_captions={params.num_captions}); lower num_beams, max_length or num_captions")

@@ -298,9 +298,11 @@ class FastGenerator:
                 self._step_static(ws)
             ws.graph = graph
             return True
+        except torch.OutOfMemoryError:
+            raise  # not a capture problem: the engine's fallback halves the batch
         except Exception:  # noqa: BLE001 - a capture failure must never fail a caption
             self.graph_failures += 1
-            self.cuda_graphs = self.graph_failures < 3
+            self.cuda_graphs = self.graph_failures < 3  # a device that cannot capture: stop
             torch.cuda.synchronize()
             return False
 

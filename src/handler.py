@@ -35,8 +35,13 @@ async def handler(job: dict) -> dict:
         return {"error": "the worker is not initialised: start it with `python src/handler.py`"}
     job_input = job.get("input") if isinstance(job, dict) else None
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_executor, _worker.run, job_input, job_id,
-                                      _progress_reporter(job))
+    running = loop.run_in_executor(_executor, _worker.run, job_input, job_id,
+                                   _progress_reporter(job))
+    try:
+        return await running
+    except asyncio.CancelledError:  # RunPod cancelled or timed out the job: stop its work too
+        _worker.cancel(job_id)
+        raise
 
 
 def concurrency_modifier(current: int) -> int:
@@ -100,14 +105,16 @@ def configure_logging(level: str = "INFO") -> None:
 
 
 def main() -> int:
-    # runpod logs at DEBUG by default, which echoes whole jobs (megabytes of base64) into the
-    # logs; INFO unless the operator asks otherwise (RUNPOD_LOG_LEVEL / --rp_log_level).
-    os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
     try:
         cfg = Config.from_env()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # runpod logs at DEBUG by default, which echoes whole jobs (megabytes of base64) into the
+    # logs: follow BLIP_LOG_LEVEL (INFO) unless RUNPOD_LOG_LEVEL / --rp_log_level say otherwise.
+    # Set before runpod is imported: its logger reads the variable once.
+    os.environ.setdefault("RUNPOD_LOG_LEVEL", {"WARNING": "WARN"}.get(cfg.log_level,
+                                                                     cfg.log_level))
     configure_logging(cfg.log_level)
     import modeling
     try:

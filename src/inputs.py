@@ -15,7 +15,8 @@ Fetching:
   timeout, so a watchdog timer shuts the sockets down at the deadline, which ends a blocked read:
   it covers the whole attempt, connection, headers (a server can drip those too), every redirect
   hop and the body. Cancelling a job cuts its downloads the same way.
-  Connection errors, timeouts and 5xx answers are retried with exponential backoff; 4xx never.
+  Connection errors, timeouts, 5xx, 408 and 429 answers are retried with exponential backoff
+  (or after the server's Retry-After); other 4xx never.
   Identity encoding is requested; a server that compresses anyway is decoded by urllib3, whose
   decoder bounds its output per read, and the cap counts decoded bytes (gzip bombs stop there).
 - The type comes from the content (magic bytes), never from the URL or Content-Type. The size
@@ -25,8 +26,9 @@ Fetching:
 
 Zips (read in place, nothing is ever extracted, so zip-slip names are just labels):
 - Skipped and counted in ``skipped``: directories, ``__MACOSX/``, hidden files (a path component
-  starting with "."), and members whose content is not an image unless their name says it should
-  be one (``x.jpg`` holding text is a per-image error, ``notes.txt`` is skipped).
+  starting with "."), caption/metadata side files by name (``.txt``, ``.caption``, ``.json``,
+  ...: not counted against MAX_IMAGES_PER_JOB), and members whose content is not an image
+  unless their name says it should be one (``x.jpg`` holding text is a per-image error).
 - Per-image errors: symlink members, encrypted members, compression other than stored/deflate,
   a member over MAX_IMAGE_BYTES, a zip inside the zip, a damaged member.
 - Job errors, checked from the central directory before anything is decompressed: more image
@@ -96,6 +98,8 @@ FORMAT_LIST = "JPEG, PNG, GIF, WebP, BMP, TIFF or AVIF"
 _MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"),
           (b"GIF89a", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
           (b"II+\x00", "TIFF"), (b"MM\x00+", "TIFF"), (b"PK\x03\x04", ZIP), (b"PK\x05\x06", ZIP))
+_SIDE_FILE = re.compile(r"\.(txt|caption|tags|json|jsonl|csv|tsv|md|xml|ya?ml|toml|npz|npy)$",
+                        re.IGNORECASE)
 _IMAGE_NAME = re.compile(r"\.(jpe?g|jfif|png|gif|webp|bmp|tiff?|avif)$", re.IGNORECASE)
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, OSError, ValueError,
                EOFError, RuntimeError, NotImplementedError)
@@ -111,8 +115,10 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 class ImageSource:
     """One image ready to decode."""
     order: tuple[int, int]  # (source index, position within that source): final output order
-    image_path: str
+    image_path: str  # the label shown to the user (unprintable characters escaped)
     open: Callable[[], BinaryIO]  # a new seekable binary stream each call; any thread
+    member: str = ""  # the raw member name inside its zip; "" for a whole source
+    discard: Callable[[], None] | None = None  # frees the stored file once it is decoded
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,7 @@ class ImageFailure:
     order: tuple[int, int]
     image_path: str
     error: str
+    member: str = ""
 
 
 @dataclass(frozen=True)
@@ -130,11 +137,13 @@ class _Fetched:
 
 
 class _Retry(Exception):
-    """A transient failure (connection error, timeout, 5xx): try again after a backoff."""
+    """A transient failure (connection error, timeout, 5xx, 408, 429): try again after a
+    backoff, or after the server's Retry-After when it gave one (seconds)."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, after: float | None = None):
         super().__init__(reason)
         self.reason = reason
+        self.after = after
 
 
 class _Cancelled(Exception):
@@ -318,10 +327,17 @@ def _check_status(resp: requests.Response) -> None:
     if 200 <= code < 300:
         return
     answer = f"the server answered HTTP {code} {short(resp.reason or '', 40)}".rstrip()
-    if code >= 500:
-        raise _Retry(answer)
+    if code >= 500 or code in (408, 429):  # server trouble, a timeout, "too many requests"
+        raise _Retry(answer, _retry_after(resp))
     raise ImageError(f"{answer}; check that the URL is correct and publicly readable "
                      "(no login, not expired)")
+
+
+def _retry_after(resp: requests.Response) -> float | None:
+    """The server's Retry-After in seconds (the delta-seconds form), if any."""
+    with suppress(TypeError, ValueError):
+        return max(0.0, float(resp.headers.get("Retry-After")))
+    return None
 
 
 def _content_length(resp: requests.Response) -> int | None:
@@ -439,8 +455,10 @@ class _Downloader:
             try:
                 return self._attempt(url, path, deadline)
             except _Retry as exc:
-                reason = exc.reason
+                reason, asked = exc.reason, exc.after
             delay = cfg.retry_backoff_s * 2 ** (attempt - 1)
+            if asked is not None:  # the server said when: wait that long (within the deadline)
+                delay = max(delay, asked)
             if attempt > cfg.download_retries:
                 break
             if time.monotonic() + delay >= deadline:
@@ -533,9 +551,11 @@ class _Downloader:
 # --- zips ------------------------------------------------------------------------------------
 
 def _junk_name(name: str) -> bool:
-    """macOS resource forks and hidden files: skipped, not errors ('..' is not hidden)."""
+    """macOS resource forks, hidden files and caption/metadata side files (``a.txt`` beside
+    ``a.jpg`` in a training set): skipped by name, not errors, not counted against
+    MAX_IMAGES_PER_JOB ('..' is not hidden)."""
     parts = [p for p in re.split(r"[/\\]", name) if p]
-    return (not parts or parts[0] == "__MACOSX"
+    return (not parts or parts[0] == "__MACOSX" or bool(_SIDE_FILE.search(parts[-1]))
             or any(p.startswith(".") and p not in (".", "..") for p in parts))
 
 
@@ -611,8 +631,10 @@ class JobInputs:
         self._zips: list[zipfile.ZipFile] = []
         self._admitted = 0
         self._closed = False
+        self._lock = threading.Lock()
         self.dir: str | None = None  # the job's private directory while the block runs
         self.skipped = 0  # zip members skipped (directories, __MACOSX, hidden, non-images)
+        self.fetched_at: float | None = None  # time.monotonic() when the last source arrived
 
     def __enter__(self) -> "JobInputs":
         parent = self._cfg.work_dir or None
@@ -639,13 +661,18 @@ class JobInputs:
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
 
+    def cancel(self) -> None:
+        """Stop fetching now, from any thread (blocked downloads are cut; nothing waits):
+        iteration ends; leaving the block still cleans up."""
+        self._downloads.cancel()
+
     def __iter__(self) -> Iterator[ImageSource | ImageFailure]:
         if self._pool is None or self._closed:
             raise RuntimeError("iterate inside `with JobInputs(...) as inputs:`")
         futures = {self._pool.submit(self._fetch, i, src): i
                    for i, src in enumerate(self._sources)}
         for future in as_completed(futures):
-            if self._closed:
+            if self._closed or self._downloads.cancelled.is_set():
                 return
             yield from self._items(futures[future], future)
 
@@ -679,8 +706,12 @@ class JobInputs:
         path = os.path.join(self.dir, str(i))
         try:
             if self._is_data(i):
-                return _Fetched(path, _save_data_uri(src, path, self._cfg))
-            return _Fetched(path, self._downloads.fetch(src, path))
+                fetched = _Fetched(path, _save_data_uri(src, path, self._cfg))
+            else:
+                fetched = _Fetched(path, self._downloads.fetch(src, path))
+            with self._lock:
+                self.fetched_at = time.monotonic()
+            return fetched
         except OSError as exc:
             _remove(path)
             raise ImageError(f"could not store the file ({_reason(exc)})") from None
@@ -700,7 +731,8 @@ class JobInputs:
             yield from self._zip_items(i, fetched.path)
             return
         self._admit(1, i)
-        yield ImageSource((i, 0), self._label(i), partial(open, fetched.path, "rb"))
+        yield ImageSource((i, 0), self._label(i), partial(open, fetched.path, "rb"),
+                          discard=partial(_remove, fetched.path))
 
     def _source_failure(self, i: int, message: str) -> ImageFailure:
         """A whole source failed: the job fails when it was the only one (``data_url``)."""
@@ -747,10 +779,10 @@ class JobInputs:
         try:
             kind = _member_kind(zf, info, self._cfg)
         except ImageError as err:
-            return ImageFailure(order, label, err.message)
+            return ImageFailure(order, label, err.message, info.filename)
         if kind is None:
             return None
-        return ImageSource(order, label, partial(zf.open, info))
+        return ImageSource(order, label, partial(zf.open, info), info.filename)
 
 
 # --- decoding --------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """One job, end to end: validate -> fetch -> decode -> caption -> output. No runpod import.
 
 ``Worker`` is created once per process (after the model is loaded) and runs many jobs at once,
-each in its own thread (the async runpod handler hands it over with ``asyncio.to_thread``):
+each in its own thread (the async runpod handler hands it to a thread pool):
 
     downloads (per-job thread pool, inputs.JobInputs)
       -> decode + preprocess (shared thread pool, DECODE_WORKERS)
@@ -13,6 +13,8 @@ however large or numerous the jobs are.
 
 ``Worker.run(job_input, job_id)`` never raises: it returns the output dict, or
 ``{"error": message}`` (plus ``"refresh_worker": True`` when the GPU is unusable).
+``Worker.cancel(job_id)`` (RunPod cancelled or timed the job out) stops its downloads and drops
+its images still waiting for the GPU; the job then answers that it was cancelled.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import output
 import schema
 from batcher import Batcher
 from config import Config
-from engine import BaseEngine, CaptionResult, FatalDeviceError
+from engine import BaseEngine, CaptionResult, FatalDeviceError, is_fatal_device_error
 from errors import ImageError, JobError, short
 from inputs import ImageFailure, ImageSource, JobInputs, decode_image
 
@@ -42,6 +44,7 @@ Progress = Callable[[int, int | None], None]  # (captioned so far, total if know
 class _Entry:
     order: tuple[int, int]
     image_path: str
+    member: str  # raw zip member name ("" for a whole source): names the caption file
     future: Future  # resolves to CaptionResult
 
 
@@ -51,6 +54,8 @@ class _JobState:
     progress: Progress | None
     report_every: int
     cancelled: threading.Event = field(default_factory=threading.Event)
+    gpu: list[Future] = field(default_factory=list)  # its images queued for the GPU
+    inputs: JobInputs | None = None
     done: int = 0
     total: int | None = None
     first_gpu_at: float | None = None
@@ -76,6 +81,7 @@ class Worker:
         self.in_flight = threading.BoundedSemaphore(max(64, 2 * engine.max_batch_size))
         self._active = 0
         self._active_lock = threading.Lock()
+        self._jobs: dict[str, list[_JobState]] = {}  # running jobs by id (for cancel)
 
     def close(self) -> None:
         self.batcher.stop()
@@ -88,8 +94,10 @@ class Worker:
         started = time.monotonic()
         try:
             request = schema.parse_request(job_input, self.cfg)
-            with self._activity():
-                return self._run(request, job_id, progress, started)
+            batch = request.batch_size or self.engine.batch_limit(request.generation)
+            state = _JobState(job_id, progress, report_every=batch)
+            with self._activity(state):
+                return self._run(request, state, started)
         except JobError as exc:
             log.info("job %s failed: %s", job_id, exc.message)
             return {"error": exc.message}
@@ -103,45 +111,74 @@ class Worker:
             return {"error": f"internal error: {type(exc).__name__}: {short(str(exc), 200)}. "
                              "This is a bug in the worker; please report it with the job id."}
 
+    def cancel(self, job_id: str) -> None:
+        """Stop job ``job_id`` (from any thread): its downloads are cut, its images not yet
+        on the GPU are dropped, and ``run`` answers that it was cancelled."""
+        with self._active_lock:
+            states = list(self._jobs.get(job_id, ()))
+        for state in states:
+            log.info("job %s: cancelled", job_id)
+            state.cancelled.set()
+            if state.inputs is not None:
+                state.inputs.cancel()
+            for f in list(state.gpu):
+                f.cancel()
+
     # --- internals ------------------------------------------------------------------------
     @contextmanager
-    def _activity(self) -> Iterator[None]:
+    def _activity(self, state: _JobState) -> Iterator[None]:
         with self._active_lock:
             self._active += 1
+            self._jobs.setdefault(state.job_id, []).append(state)
         try:
             yield
         finally:
             with self._active_lock:
                 self._active -= 1
                 last = self._active == 0
+                self._jobs[state.job_id].remove(state)
+                if not self._jobs[state.job_id]:
+                    del self._jobs[state.job_id]
             if last:  # release cached GPU memory only when no other job is running
-                self.engine.release_memory()
+                try:
+                    self.engine.release_memory()
+                except Exception as exc:  # noqa: BLE001 - never replace the job's answer
+                    log.error("releasing GPU memory failed: %s: %s", type(exc).__name__, exc)
 
-    def _run(self, request: schema.CaptionRequest, job_id: str, progress: Progress | None,
-             started: float) -> dict:
-        batch = request.batch_size or self.engine.batch_limit(request.generation)
-        state = _JobState(job_id, progress, report_every=batch)
+    def _run(self, request: schema.CaptionRequest, state: _JobState, started: float) -> dict:
+        job_id = state.job_id
         entries: list[_Entry] = []
         failures: list[tuple[tuple[int, int], str, str]] = []
         with JobInputs(request.sources, request.single, self.cfg) as inputs:
+            state.inputs = inputs
+            completed = False
             try:
                 for item in inputs:
+                    if state.cancelled.is_set():
+                        break
                     if isinstance(item, ImageFailure):
                         failures.append((item.order, item.image_path, item.error))
                         continue
                     entries.append(self._start(item, request, state))
-                fetch_s = time.monotonic() - started
                 with state.lock:
                     state.total = len(entries)
                 results = [(e, e.future.result()) for e in entries]
+                completed = not state.cancelled.is_set()
             finally:
-                state.cancelled.set()
-                for e in entries:  # on an early exit, wait so no thread reads the temp dir
+                if not completed:  # an early exit: drop this job's images still queued
+                    state.cancelled.set()
+                    for f in list(state.gpu):
+                        f.cancel()
+                for e in entries:  # wait so no thread reads the temp dir after it is gone
                     _wait_quietly(e.future)
+            if not completed:
+                raise JobError("the job was cancelled")
             skipped = inputs.skipped
+            fetched_at = inputs.fetched_at or time.monotonic()
         caption_s = ((state.last_result_at or state.first_gpu_at or 0.0)
                      - (state.first_gpu_at or 0.0))
-        timings = {"fetch_s": round(fetch_s, 3), "caption_s": round(max(caption_s, 0.0), 3),
+        timings = {"fetch_s": round(max(fetched_at - started, 0.0), 3),
+                   "caption_s": round(max(caption_s, 0.0), 3),
                    "total_s": round(time.monotonic() - started, 3)}
         out = output.build(request, results, failures, skipped, self.engine, timings, job_id,
                            self.cfg)
@@ -154,7 +191,7 @@ class Worker:
         """Take an in-flight slot, then decode on the pool and queue for the GPU."""
         self.in_flight.acquire()
         done: Future = Future()
-        entry = _Entry(item.order, item.image_path, done)
+        entry = _Entry(item.order, item.image_path, item.member, done)
         try:
             self.decode_pool.submit(self._decode_and_queue, item, request, state, done)
         except BaseException:
@@ -167,11 +204,18 @@ class Worker:
         try:
             if state.cancelled.is_set():
                 raise ImageError("job ended before this image was decoded")
-            pixels = self.engine.preprocess(decode_image(item, self.cfg, self.engine.image_size))
+            try:
+                image = decode_image(item, self.cfg, self.engine.image_size)
+            finally:
+                if item.discard is not None:  # its file is no longer needed: free the disk
+                    item.discard()
+            pixels = self.engine.preprocess(image)
+            del image
             if state.first_gpu_at is None:
                 state.first_gpu_at = time.monotonic()
             gpu = self.batcher.submit(pixels, request.prompt, request.generation,
                                       request.batch_size, state.on_batch)
+            state.gpu.append(gpu)
         except ImageError as exc:
             self._finish(done, state, result=CaptionResult(error=exc.message))
             return
@@ -186,8 +230,9 @@ class Worker:
         exc = None if gpu.cancelled() else gpu.exception()
         if gpu.cancelled():
             self._finish(done, state, result=CaptionResult(error="cancelled before captioning"))
-        elif isinstance(exc, FatalDeviceError):
-            self._finish(done, state, error=exc)  # fails the job: the worker must be replaced
+        elif exc is not None and is_fatal_device_error(exc):  # the worker must be replaced
+            fatal = exc if isinstance(exc, FatalDeviceError) else FatalDeviceError(str(exc))
+            self._finish(done, state, error=fatal)
         elif exc is not None:  # one failed batch costs only its own images
             log.error("job %s: captioning failed: %s: %s", state.job_id, type(exc).__name__, exc)
             self._finish(done, state, result=CaptionResult(

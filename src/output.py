@@ -25,6 +25,7 @@ import deliver
 from config import Config
 from engine import CaptionResult, compose
 from errors import JobError, short
+from inputs import FORMAT_LIST
 
 MAX_ERRORS_IN_MESSAGE = 10
 
@@ -58,15 +59,16 @@ def build(request: Any, results: Sequence[tuple[Any, CaptionResult]],
         out["skipped"] = skipped
     out.update(model=engine.model_id, engine=engine.name, timings=timings)
     if request.output_format == "zip":
-        out.update(deliver.zip_fields(request, rows, job_id, cfg))
+        members = {entry.order: entry.member for entry, _ in results}
+        out.update(deliver.zip_fields(request, rows, members, job_id, cfg))
     return out
 
 
 def nothing_captioned_message(errors: Sequence[dict], skipped: int) -> str:
     if not errors:
         extra = f" ({skipped} non-image files were skipped)" if skipped else ""
-        return ("no images found to caption" + extra + ": send JPEG, PNG, WebP, GIF, BMP or "
-                "TIFF images, or a zip of them")
+        return (f"no images found to caption{extra}: send {FORMAT_LIST} images, or a zip of "
+                "them")
     shown = "; ".join(f"{short(e['image_path'])}: {e['error']}" for e in errors[:MAX_ERRORS_IN_MESSAGE])
     more = len(errors) - MAX_ERRORS_IN_MESSAGE
     tail = f"; ... and {more} more" if more > 0 else ""

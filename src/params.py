@@ -10,7 +10,7 @@ prompt is not counted); eos is the "\\n" token; with ``use_nucleus_sampling`` on
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 DEFAULT_PROMPT = "a photo of"
 
@@ -26,6 +26,16 @@ class GenerationParams:
     repetition_penalty: float = 1.0
     length_penalty: float = 1.0
     num_captions: int = 1
+
+    def normalized(self) -> "GenerationParams":
+        """The same generation with the settings it ignores at their defaults, so that jobs
+        which generate identically compare equal and share GPU batches: sampling ignores
+        ``num_beams`` and ``length_penalty``; beam search / greedy ignore ``top_p`` and
+        ``temperature``."""
+        base = GenerationParams()
+        if self.use_nucleus_sampling:
+            return replace(self, num_beams=1, length_penalty=base.length_penalty)
+        return replace(self, top_p=base.top_p, temperature=base.temperature)
 
     @property
     def effective_beams(self) -> int:

@@ -197,7 +197,7 @@ class _RequestBase(BaseModel):
     @property
     def generation(self) -> GenerationParams:
         names = [f.name for f in dataclasses.fields(GenerationParams)]
-        return GenerationParams(**{name: getattr(self, name) for name in names})
+        return GenerationParams(**{name: getattr(self, name) for name in names}).normalized()
 
 
 CaptionRequest = create_model(  # type: ignore[call-overload]

@@ -145,3 +145,33 @@ def test_stopped_batcher_refuses_work(eng):
     b.stop()
     with pytest.raises(RuntimeError, match="stopped"):
         b.submit(eng.preprocess(distinct_images(1)[0]), "a", GREEDY)
+
+
+def test_progress_is_called_once_per_job_per_batch_before_results(eng):
+    class Job:  # like jobs._JobState: its bound method is the callback
+        def __init__(self):
+            self.calls = []
+            self.futures = []
+
+        def on_batch(self, n):
+            self.calls.append((n, all(f.done() for f in self.futures)))
+
+    b = Batcher(eng, wait_ms=200).start()
+    try:
+        job = Job()
+        job.futures = [b.submit(eng.preprocess(im), "a photo of", GREEDY, 8, job.on_batch)
+                       for im in distinct_images(4)]
+        for f in job.futures:
+            f.result(timeout=60)
+    finally:
+        b.stop()
+    assert sum(n for n, _ in job.calls) == 4 and len(job.calls) == len(b.batch_sizes)
+    assert not any(done for _, done in job.calls)  # progress came before the results
+
+
+def test_stopping_fails_queued_images_instead_of_hanging(eng):
+    b = Batcher(eng, wait_ms=0)  # never started: nothing is taken from the queue
+    f = b.submit(eng.preprocess(distinct_images(1)[0]), "a", GREEDY)
+    b.stop()
+    with pytest.raises(RuntimeError, match="stopped"):
+        f.result(timeout=5)

@@ -220,7 +220,7 @@ ZIP_JOB_ERRORS = {  # job input factory (data: URIs) -> the whole job's error, i
     "no-images": (lambda: {"data_url": T.data_uri(T.make_zip([("a.txt", b"x"),
                                                                ("__MACOSX/._a.jpg", b"x")]))},
                   ("no images found to caption (2 non-image files were skipped): send JPEG, "
-                   "PNG, WebP, GIF, BMP or TIFF images, or a zip of them",)),
+                   "PNG, GIF, WebP, BMP, TIFF or AVIF images, or a zip of them",)),
 }
 
 

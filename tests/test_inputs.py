@@ -418,12 +418,20 @@ def test_5xx_gives_up_after_the_retries(http_server):
     assert http_server.hits("/down") == 3
 
 
-@pytest.mark.parametrize("code", [400, 401, 403, 404, 410, 429])
+@pytest.mark.parametrize("code", [400, 401, 403, 404, 410])
 def test_4xx_is_never_retried(http_server, code):
     url = http_server.route(f"/e{code}", T.status(code))
     message = one(url, CFG.replace(download_retries=3))
     assert message.startswith(f"the server answered HTTP {code}")
     assert http_server.hits(f"/e{code}") == 1
+
+
+@pytest.mark.parametrize("code", [408, 429])
+def test_408_and_429_are_retried(http_server, code):
+    url = http_server.route(f"/e{code}", T.status(code))
+    message = one(url, CFG.replace(download_retries=2, retry_backoff_s=0.01))
+    assert message.startswith(f"download failed after 3 attempts: the server answered HTTP {code}")
+    assert http_server.hits(f"/e{code}") == 3
 
 
 def test_connection_reset_is_retried(http_server):
@@ -666,3 +674,20 @@ def test_temp_dir_is_removed_after_a_job_error(tmp_path):
 def test_iterating_outside_the_block_is_an_error():
     with pytest.raises(RuntimeError, match="with JobInputs"):
         list(JobInputs([T.data_uri(T.png(1))], True, CFG))
+
+
+def test_429_with_retry_after_is_retried_after_the_wait(http_server):
+    def too_many(h):
+        h.send_response(429)
+        h.send_header("Retry-After", "1")
+        h.send_header("Content-Length", "0")
+        h.end_headers()
+
+    url = http_server.route("/busy.png", T.fail_then(1, T.body(T.png(seed=3)),
+                                                           failure=too_many))
+    cfg = config.defaults().replace(retry_backoff_s=0.01, download_deadline_s=10)
+    t0 = time.monotonic()
+    with inputs.JobInputs([url], True, cfg) as job:
+        items = list(job)
+    assert isinstance(items[0], inputs.ImageSource) and http_server.hits("/busy.png") == 2
+    assert time.monotonic() - t0 >= 1.0  # honoured Retry-After, not the 10 ms backoff

@@ -60,7 +60,7 @@ def test_one_404_among_data_urls_costs_only_that_image(worker, http_server):
     urls.insert(1, http_server.route("/missing.jpg", testlib.status(404)))
     out = worker.run({"data_urls": urls, **FAST}, "job-404")
     assert [c["image_path"] for c in out["captions"]] == [urls[0], urls[2], urls[3]]
-    assert out["errors"][0]["image_path"] == urls[1] and "404" in out["errors"][0]["error"]
+    assert out["errors"][0]["image_path"] == urls[1] and "HTTP 404" in out["errors"][0]["error"]
     assert "skipped" not in out
 
 
@@ -84,7 +84,7 @@ def test_nothing_captioned_fails_and_lists_the_reasons(worker, http_server):
     urls = [http_server.route(f"/gone{i}.jpg", testlib.status(404)) for i in range(2)]
     out = worker.run({"data_urls": urls, **FAST})
     assert set(out) == {"error"}
-    assert "no image could be captioned" in out["error"] and out["error"].count("404") == 2
+    assert "no image could be captioned" in out["error"] and out["error"].count("HTTP 404") == 2
 
 
 def test_zip_without_images_fails_clearly(worker):
@@ -198,5 +198,62 @@ def test_injected_cuda_error_fails_only_the_job_that_hit_it(tmp_path):
         good = w.run({"data_url": uri, **FAST})
         assert bad["refresh_worker"] is True and "injected" in bad["error"]
         assert good["captions"] and "error" not in good
+    finally:
+        w.close()
+
+
+def test_cancel_stops_a_job_waiting_on_a_slow_download(tmp_path, http_server):
+    w = make_worker(tmp_path, DOWNLOAD_DEADLINE_S="60")
+    try:
+        slow = http_server.route("/slow.jpg", testlib.drip(testlib.jpeg(seed=1), interval=0.5))
+        fast = testlib.data_uri(testlib.jpeg(seed=2), "image/jpeg")
+        result = {}
+        t = threading.Thread(target=lambda: result.update(
+            w.run({"data_urls": [fast, slow], **FAST}, "job-cancel")))
+        t.start()
+        import time
+        time.sleep(1.5)
+        w.cancel("job-cancel")
+        t.join(timeout=20)
+        assert not t.is_alive(), "cancel must end the job promptly"
+        assert result == {"error": "the job was cancelled"}
+        assert os.listdir(tmp_path / "work") == []
+        assert w.run({"data_url": fast, **FAST})["captions"]  # the worker goes on
+    finally:
+        w.close()
+
+
+def test_downloaded_files_are_freed_once_decoded(tmp_path, http_server, monkeypatch):
+    w = make_worker(tmp_path)
+    seen = []
+    import inputs
+    real = inputs.decode_image
+
+    def spy(src, cfg, min_side=364):
+        image = real(src, cfg, min_side)
+        seen.append(sorted(os.listdir(next((tmp_path / "work").iterdir()))))
+        return image
+
+    monkeypatch.setattr(jobs, "decode_image", spy)
+    try:
+        urls = [http_server.route(f"/f{i}.png", testlib.body(testlib.png(seed=i))) for i in range(3)]
+        out = w.run({"data_urls": urls, "batch_size": 1, **FAST})
+        assert len(out["captions"]) == 3
+        assert all(len(files) <= 3 for files in seen)
+        # each decode saw its own file still there; afterwards every file was removed
+        assert os.listdir(tmp_path / "work") == []
+    finally:
+        w.close()
+
+
+def test_a_training_set_zip_with_caption_side_files_is_not_over_the_image_limit(tmp_path):
+    w = make_worker(tmp_path, MAX_IMAGES_PER_JOB="3")
+    try:
+        entries = []
+        for i in range(3):
+            entries += [(f"set/{i}.jpg", testlib.jpeg(seed=500 + i)), (f"set/{i}.txt", b"old")]
+        out = w.run({"data_url": testlib.data_uri(testlib.make_zip(entries), "application/zip"),
+                     **FAST})
+        assert len(out["captions"]) == 3 and out["skipped"] == 3
     finally:
         w.close()

@@ -55,7 +55,8 @@ def request_for(**fields) -> schema.CaptionRequest:
 def zip_fields(cfg: config.Config, rows=None, job_id: str = "job-unit") -> dict:
     rows = rows or [((0, 0), {"image_path": "a.jpg", "caption": "a cat"})]
     request = request_for(data_url="data:application/zip;base64,UEsFBgAAAAAAAAAAAAAAAAAAAAAAAA==")
-    return deliver.zip_fields(request, rows, job_id, cfg)
+    members = {order: row["image_path"] for order, row in rows}
+    return deliver.zip_fields(request, rows, members, job_id, cfg)
 
 
 # --- naming (no model) -----------------------------------------------------------------------
@@ -285,3 +286,19 @@ def test_upload_through_the_local_api(s3, tmp_path):
     files = read_zip(requests.get(answer["output"]["captions_zip_url"], timeout=10).content)
     assert files == {"d/p.txt": answer["output"]["captions"][0]["caption"] + "\n"}
     assert SECRET not in log_text and "X-Amz-Signature" not in log_text
+
+
+def test_caption_file_names_come_from_raw_member_names_not_display_labels():
+    """A member name with a control character is escaped in image_path (one readable line)
+    but its caption file is named from the raw name (control characters become "_")."""
+    cfg = config.Config.from_env({"BLIP_MODEL": "tiny-random", "BLIP_WARMUP": "0"})
+    w = jobs.Worker(cfg, engine_mod.load_engine(cfg))
+    try:
+        data = testlib.make_zip([("shots/a\x01b.jpg", testlib.jpeg(seed=1))])
+        out = w.run({"data_url": testlib.data_uri(data, "application/zip"), "output_format": "zip",
+                     "num_beams": 1, "max_length": 5})
+        assert out["captions"][0]["image_path"] == "shots/a\\x01b.jpg"
+        names = zipfile.ZipFile(io.BytesIO(base64.b64decode(out["captions_zip"]))).namelist()
+        assert names == ["shots/a_b.txt"]
+    finally:
+        w.close()

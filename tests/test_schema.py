@@ -65,7 +65,11 @@ def test_generation_is_built_from_the_request():
     req = ok(num_beams=5, max_length=30, min_length=2, use_nucleus_sampling=True, top_p=0.5,
              temperature=0.7, repetition_penalty=1.5, length_penalty=-1, num_captions=7,
              batch_size=16, prompt="", include_prompt=True)
-    assert req.generation == GenerationParams(5, 30, 2, True, 0.5, 0.7, 1.5, -1.0, 7)
+    # sampling ignores num_beams and length_penalty: normalised to 1 and the default
+    assert req.generation == GenerationParams(1, 30, 2, True, 0.5, 0.7, 1.5, 1.0, 7)
+    beams = ok(num_beams=5, max_length=30, min_length=2, length_penalty=-1, num_captions=3,
+               repetition_penalty=1.5)
+    assert beams.generation == GenerationParams(5, 30, 2, False, 0.9, 1.0, 1.5, -1.0, 3)
     assert (req.batch_size, req.prompt, req.include_prompt) == (16, "", True)
 
 
@@ -357,3 +361,14 @@ def test_text_with_a_lone_surrogate_is_named_as_broken_text():
     with pytest.raises(JobError) as info:
         parse_request({"data_url": "https://example.com/a.jpg", "prompt": "a \ud800 b"}, CFG)
     assert "prompt: must be valid Unicode text" in info.value.message
+
+
+def test_settings_a_generation_ignores_do_not_split_gpu_batches():
+    url = {"data_url": "https://example.com/a.jpg"}
+    beams = [parse_request({**url, "top_p": p, "temperature": t}, CFG).generation
+             for p, t in ((0.9, 1.0), (0.5, 3.0))]
+    sampled = [parse_request({**url, "use_nucleus_sampling": True, "num_beams": b,
+                              "length_penalty": lp}, CFG).generation
+               for b, lp in ((3, 1.0), (7, -2.0))]
+    assert beams[0] == beams[1] and sampled[0] == sampled[1]
+    assert sampled[0].effective_beams == 1 and sampled[0] != beams[0]

@@ -1,0 +1,61 @@
+"""The runpod handler glue: async, never raises, and a cancelled job stops its work."""
+import asyncio
+import os
+import time
+
+import pytest
+
+import config
+import handler
+import testlib
+from test_jobs import FAST
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    work = tmp_path_factory.mktemp("handler")
+    cfg = config.Config.from_env({"BLIP_MODEL": "tiny-random", "BLIP_WARMUP": "0",
+                                  "WORK_DIR": str(work), "DOWNLOAD_DEADLINE_S": "60"})
+    w = handler.setup(cfg)
+    yield w, work
+    w.close()
+    handler._worker = None
+
+
+def test_handler_answers_a_job(worker):
+    job = {"id": "h-1", "input": {"data_url": testlib.data_uri(testlib.jpeg(seed=1),
+                                                                "image/jpeg"), **FAST}}
+    out = asyncio.run(handler.handler(job))
+    assert out["captions"][0]["image_path"] == "data_url"
+
+
+def test_a_cancelled_job_stops_its_downloads_and_frees_its_directory(worker, http_server):
+    w, work = worker
+    slow = http_server.route("/drip.jpg", testlib.drip(testlib.jpeg(seed=2), interval=0.5))
+    job = {"id": "h-cancel", "input": {"data_urls": [slow], **FAST}}
+
+    async def run_then_cancel():
+        task = asyncio.create_task(handler.handler(job))
+        await asyncio.sleep(1.0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run_then_cancel())
+    deadline = time.monotonic() + 15
+    while (os.listdir(work) or w._jobs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not w._jobs and os.listdir(work) == []
+    assert http_server.hits("/drip.jpg") == 1
+
+
+def test_handler_without_a_worker_answers_an_error():
+    saved, handler._worker = handler._worker, None
+    try:
+        assert "not initialised" in asyncio.run(handler.handler({"id": "x", "input": {}}))["error"]
+    finally:
+        handler._worker = saved
+
+
+def test_concurrency_modifier_reports_the_configured_jobs(worker):
+    assert handler.concurrency_modifier(1) == 4  # MAX_CONCURRENT_JOBS auto on CPU
