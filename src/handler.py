@@ -70,8 +70,7 @@ def setup(cfg: Config):
     import engine
     import jobs
     eng = engine.load_engine(cfg)
-    gpu = eng.device.type == "cuda"
-    _max_jobs = cfg.max_concurrent_jobs or (16 if gpu else 4)
+    _max_jobs = cfg.max_concurrent_jobs
     _executor = ThreadPoolExecutor(_max_jobs, thread_name_prefix="job")
     _worker = jobs.Worker(cfg, eng)
     log.info("ready: model %s, engine %s, device %s, up to %d concurrent jobs",

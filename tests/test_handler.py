@@ -58,4 +58,4 @@ def test_handler_without_a_worker_answers_an_error():
 
 
 def test_concurrency_modifier_reports_the_configured_jobs(worker):
-    assert handler.concurrency_modifier(1) == 4  # MAX_CONCURRENT_JOBS auto on CPU
+    assert handler.concurrency_modifier(1) == 16  # MAX_CONCURRENT_JOBS' default
