@@ -181,7 +181,7 @@ class FolderCaptioner:
         self.progress.update(1)
 
     def run(self, tasks: Sequence[Task]) -> Summary:
-        workers = self.cfg.decode_workers or min(16, os.cpu_count() or 1)
+        workers = self.cfg.decode_threads
         queue: deque[tuple[Task, Future]] = deque()
         ahead = iter(tasks)
         ready: list[tuple[Task, object]] = []

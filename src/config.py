@@ -230,6 +230,14 @@ class Config:
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
 
+    @property
+    def decode_threads(self) -> int:
+        """DECODE_WORKERS, or the number of CPU cores (at most 16) when it is 0."""
+        return self.decode_workers or min(16, os.cpu_count() or 1)
+
+
+# Each setting's environment variable, by Config field (for messages that name the variable).
+ENV: dict[str, str] = {s.field: s.env for s in SETTINGS}
 
 BUCKET_FIELDS = ("bucket_endpoint_url", "bucket_access_key_id", "bucket_secret_access_key",
                  "bucket_name")
@@ -237,7 +245,7 @@ BUCKET_FIELDS = ("bucket_endpoint_url", "bucket_access_key_id", "bucket_secret_a
 
 def _bucket_problems(values: Mapping[str, Any]) -> list[str]:
     """The four bucket settings go together: all set (caption zips are uploaded) or none."""
-    env = {s.field: s.env for s in SETTINGS}
+    env = ENV
     given = [f for f in BUCKET_FIELDS if values.get(f)]
     if not given:
         return []

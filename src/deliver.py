@@ -48,7 +48,7 @@ import zipfile
 from typing import Any, Iterable, Sequence
 from urllib.parse import unquote, urlsplit
 
-from config import BUCKET_FIELDS, SETTINGS, Config
+from config import BUCKET_FIELDS, ENV, Config
 from errors import short
 from inputs import human_size
 
@@ -60,7 +60,6 @@ _SEPARATORS = re.compile(r"[/\\]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DRIVE = re.compile(r"[A-Za-z]:")
 _LINE_BREAKS = re.compile(r"\s*[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]+\s*")  # str.splitlines
-_ENV = {s.field: s.env for s in SETTINGS}
 
 Path = tuple[str, ...]
 
@@ -193,7 +192,7 @@ def bucket_configured(cfg: Config) -> bool:
 
 
 def _bucket_settings() -> str:
-    return ", ".join(_ENV[f] for f in BUCKET_FIELDS)
+    return ", ".join(ENV[f] for f in BUCKET_FIELDS)
 
 
 def upload(data: bytes, job_id: str, cfg: Config) -> str:
@@ -236,7 +235,7 @@ def zip_fields(request: Any, rows: Sequence[tuple[tuple[int, int], dict]],
                  len(files), size)
         return {"captions_zip_error": (
             f"the caption zip is {size}; the most returned inline is "
-            f"{human_size(cfg.max_inline_zip_bytes)} ({_ENV['max_inline_zip_bytes']}). Set "
+            f"{human_size(cfg.max_inline_zip_bytes)} ({ENV['max_inline_zip_bytes']}). Set "
             f"{_bucket_settings()} on the endpoint to receive it as `captions_zip_url`, or "
             "split the job. Every caption is in `captions`.")}
     log.info("job %s: caption zip (%d files, %s) returned inline", job_id, len(files), size)

@@ -17,7 +17,6 @@ import logging
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from config import Config, ConfigError
 

@@ -80,11 +80,10 @@ import urllib3.util.connection
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 from runpod.serverless.utils import rp_ssrf
 
-from config import SETTINGS, Config
+from config import ENV, Config
 from errors import ImageError, JobError, short
 from schema import SOURCE_FORMS, source_problem
 
-ENV = {s.field: s.env for s in SETTINGS}
 IMAGE_SIDE = 364  # preprocess.IMAGE_SIZE (not imported: it pulls in torch)
 RATIO_FLOOR = 64 * 1024  # members smaller than this (uncompressed) skip the ratio check
 HEAD_BYTES = 16  # enough to tell every supported type apart

@@ -19,7 +19,6 @@ its images still waiting for the GPU; the job then answers that it was cancelled
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -75,7 +74,7 @@ class Worker:
         self.cfg = cfg
         self.engine = engine
         self.batcher = Batcher(engine, cfg.batch_wait_ms).start()
-        workers = cfg.decode_workers or min(16, os.cpu_count() or 1)
+        workers = cfg.decode_threads
         self.decode_pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
         # Decoded images waiting for (or riding in) a GPU batch, across all jobs.
         self.in_flight = threading.BoundedSemaphore(max(64, 2 * engine.max_batch_size))
