@@ -20,13 +20,14 @@ step() { echo "=== $*" | tee -a "$OUT/steps.log"; timeout "$@" 2>&1 | grep -v Wa
 
 step 150 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
 if [ -n "${QUICK:-}" ]; then
-  step 120 $B --mode engine --batch-sizes 1,16,64,256 --decoders fast
+  step 150 $B --mode engine --batch-sizes 1,16,64,256 --decoders fast,fast-base
   step 90 $B --mode job --images 512
   step 90 $B --mode concurrent --images 64
+  step 60 python3 scripts/gpu_profile.py
   echo "=== done" | tee -a "$OUT/steps.log"
   exit 0
 fi
-step 200 $B --mode engine --batch-sizes 1,4,16,64,128,256 --decoders fast,hf --compare-naive --naive-images 16
+step 240 $B --mode engine --batch-sizes 1,4,16,64,128,256 --decoders fast,fast-base,hf --compare-naive --naive-images 16
 step 90 $B --mode job --images 512
 step 90 $B --mode concurrent --images 64
 step 120 $B --mode engine --num-beams 1 --batch-sizes 1,64,256 --decoders fast,hf

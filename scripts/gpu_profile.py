@@ -1,5 +1,6 @@
-"""Where does one image's time go? (GPU) Times the stages of the fast decoder for one image,
-beams 3, 12 forced tokens, on random-full, and prints the top CUDA and CPU ops."""
+"""Where does one image's time go? (GPU) Times the stages of the fast decoder at batch 1, 16
+and 64, beams 3, 12 forced tokens, on random-full, and prints the top CUDA and CPU ops of one
+batch-1 generate.  python scripts/gpu_profile.py"""
 import sys, time, json
 sys.path.insert(0, "src")
 import torch
@@ -22,11 +23,14 @@ def timed(fn, n=5):
 with torch.inference_mode():
     for b in (1, 16, 64):
         px, ids, mask = inputs(b)
+        ws = gen._workspace(b, 3, ids.shape[1], 12, m.model.language_model.lm_head.weight)
         r = {"batch": b,
              "vision_ms": timed(lambda: m.model.vision_model(px)),
              "embeds_ms": timed(lambda: gen._prompt_embeds(px, ids)),
-             "prefill_ms": timed(lambda: gen.prefill(px, ids, mask)),
-             "generate_ms": timed(lambda: gen.generate(px, ids, mask, p))}
+             # image encoding + prefill as generate runs it (a CUDA graph up to 16 images)
+             "encode_ms": timed(lambda: gen._encode(px, ids, mask, ws)),
+             "generate_ms": timed(lambda: gen.generate(px, ids, mask, p)),
+             "encode_graphs": gen.encode_replays > 0}
         print(json.dumps(r), flush=True)
     px, ids, mask = inputs(1)
     from torch.profiler import profile, ProfilerActivity

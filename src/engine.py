@@ -281,9 +281,12 @@ class TransformersEngine(BaseEngine):
                 # step buffers kept for graph replay: at most 15% of the GPU's memory
                 budget = (torch.cuda.get_device_properties(device).total_memory * 15 // 100
                           if graphs else 0)
+                # overlap (queue the next step before reading whether to stop) pays on a GPU;
+                # on a CPU it would only add one wasted step per batch
                 self.fast = fastgen.FastGenerator(self.model, loaded.eos_token_id,
                                                   loaded.pad_token_id, cuda_graphs=graphs,
-                                                  graph_memory_bytes=budget)
+                                                  graph_memory_bytes=budget,
+                                                  overlap=device.type == "cuda")
             else:
                 log.warning("BLIP_DECODER=fast does not support this language model; "
                             "using transformers' generate")

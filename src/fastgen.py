@@ -43,6 +43,9 @@ SAMPLING_TOP_K = 50  # transformers' default top_k, which LAVIS's sampling inher
 # step buffers exceed the graph memory budget run eagerly at their exact size.
 GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 GRAPH_PROMPT_MULTIPLE = 8  # prompt lengths are left-padded to a multiple of this for graphs
+# Image encoding + prompt prefill is graphed too for batches up to this many images: there the
+# GPU work is small and launching ~1,500 kernels one by one is what costs the time.
+ENCODE_GRAPH_MAX_IMAGES = 16
 
 
 def supports(model) -> bool:
@@ -78,11 +81,50 @@ class _Workspace:
     graph: object = None
     bytes: int = 0
     bias_table: torch.Tensor = field(default=None)  # (steps, 1, 1, 1, steps)
+    encoder: "_EncodeGraph | None" = None
+
+
+@dataclass(eq=False)
+class _EncodeGraph:
+    """Static inputs and outputs of a captured image encoding + prompt prefill."""
+    pixels: torch.Tensor  # (images, 3, S, S) normalised
+    ids: torch.Tensor  # (images, length) left-padded to the workspace's prompt length
+    mask: torch.Tensor
+    valid: torch.Tensor  # (images,) outputs, copied in by the graph
+    logits: torch.Tensor  # (images, V) float32
+    graph: object = None
+
+
+class _Flag:
+    """A boolean computed on the device, read back without draining the queue first: on CUDA
+    it is copied to pinned memory behind an event, so the host can queue the next decoding
+    step before it waits for the flag (the GPU never idles while the host decides)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.value = None
+        if self.cuda:
+            self.host = torch.zeros((), dtype=torch.bool, pin_memory=True)
+            self.event = torch.cuda.Event()
+
+    def post(self, value: torch.Tensor) -> None:
+        if self.cuda:
+            self.host.copy_(value, non_blocking=True)
+            self.event.record()
+        else:
+            self.value = value
+
+    def read(self) -> bool:
+        if self.cuda:
+            self.event.synchronize()
+            return bool(self.host)
+        return bool(self.value)
 
 
 class FastGenerator:
     def __init__(self, model, eos_token_id: int, pad_token_id: int, cuda_graphs: bool = False,
-                 bucket: bool | None = None, graph_memory_bytes: int = 0):
+                 bucket: bool | None = None, graph_memory_bytes: int = 0,
+                 overlap: bool = True, encode_graphs: bool = True, fuse_qkv: bool = True):
         if not supports(model):
             raise ValueError("FastGenerator needs a BLIP-2 model with an OPT decoder")
         self.model = model
@@ -95,7 +137,16 @@ class FastGenerator:
         self.pad = pad_token_id
         suppress = self.lm.generation_config.suppress_tokens or []
         self.suppress = torch.tensor(sorted(suppress), dtype=torch.long) if suppress else None
+        self._suppress_on: dict[torch.device, torch.Tensor] = {}
         self.cuda_graphs = cuda_graphs
+        # overlap: queue step t's decoder pass before reading whether the search stopped at t
+        # (one wasted pass at the end instead of a host/GPU round trip at every step)
+        self.overlap = overlap
+        self.encode_graphs = encode_graphs
+        self.encode_replays = 0
+        self.encode_failures = 0
+        self._qkv = [self._fused_qkv(layer.self_attn) if fuse_qkv else None
+                     for layer in self.decoder.layers]
         # Bucketing (padding batches and prompts to fixed shapes) is what lets graphs be reused;
         # it can be switched on without graphs to test that padding changes nothing.
         self.bucket = cuda_graphs if bucket is None else bucket
@@ -110,6 +161,39 @@ class FastGenerator:
         self._cache.clear()
         self._pool = None
 
+    @staticmethod
+    def _fused_qkv(attn) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One (3H, H) weight for q, k and v, so a layer projects with one matmul instead of
+        three. The three modules' parameters become views into it: no extra memory, and
+        transformers' own forward sees the same values. None where the layout does not allow
+        it (no biases, mixed devices or dtypes, offloaded or hooked modules)."""
+        projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+        cached = getattr(attn, "_fused_qkv", None)
+        if cached is not None and cached[0].data_ptr() == attn.q_proj.weight.data_ptr():
+            return cached
+        weights, biases = [p.weight for p in projs], [p.bias for p in projs]
+        if (any(b is None for b in biases) or any(hasattr(p, "_hf_hook") for p in projs)
+                or len({(t.device, t.dtype) for t in weights + biases}) != 1
+                or weights[0].is_meta):
+            return None
+        with torch.no_grad():
+            w, b = torch.cat(weights).contiguous(), torch.cat(biases).contiguous()
+        n = weights[0].shape[0]
+        for j, p in enumerate(projs):
+            grad = p.weight.requires_grad
+            p.weight = torch.nn.Parameter(w[j * n:(j + 1) * n], requires_grad=grad)
+            p.bias = torch.nn.Parameter(b[j * n:(j + 1) * n], requires_grad=grad)
+        attn._fused_qkv = (w, b)
+        return w, b
+
+    def _project(self, i: int, attn, x: torch.Tensor):
+        """q (scaled), k, v of layer ``i`` for hidden states ``x``."""
+        fused = self._qkv[i]
+        if fused is None:
+            return attn.q_proj(x) * attn.scaling, attn.k_proj(x), attn.v_proj(x)
+        q, k, v = F.linear(x, *fused).chunk(3, dim=-1)
+        return q * attn.scaling, k, v
+
     # --- the model, step by step ----------------------------------------------------------
     def _prompt_embeds(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         m = self.model
@@ -118,15 +202,20 @@ class FastGenerator:
         # transformers keeps the Q-Former in fp32; LAVIS runs it under fp16 autocast. On CUDA
         # in half precision, so do we: its matmuls in half precision, norms in fp32.
         half = image.is_cuda and image.dtype in (torch.float16, torch.bfloat16)
-        with torch.autocast("cuda", dtype=image.dtype, enabled=half):
+        with torch.autocast("cuda", dtype=image.dtype, enabled=half, cache_enabled=False):
             q = m.qformer(query_embeds=queries, encoder_hidden_states=image,
                           encoder_attention_mask=torch.ones(image.shape[:-1], dtype=torch.long,
                                                             device=image.device),
                           return_dict=True).last_hidden_state
         projected = m.language_projection(q.to(image.dtype))
         embeds = self.decoder.embed_tokens(input_ids)
-        slots = (input_ids == m.config.image_token_index).unsqueeze(-1)
-        return embeds.masked_scatter(slots, projected.to(embeds.dtype))
+        # the n-th <image> slot of a row takes the n-th query embedding (what masked_scatter
+        # does, written as a gather: no data-dependent sizes, so a CUDA graph can record it)
+        slots = input_ids == m.config.image_token_index
+        index = (slots.cumsum(1) - 1).clamp(min=0)
+        picked = projected.to(embeds.dtype).gather(
+            1, index[..., None].expand(-1, -1, embeds.shape[-1]))
+        return torch.where(slots[..., None], picked, embeds)
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, H*d) -> (N, H, T, d)"""
@@ -143,11 +232,11 @@ class FastGenerator:
 
     def prefill(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor, ws: _Workspace) -> _Prefix:
-        """Run the prompt once per image, writing its keys/values into ``ws`` (right-aligned:
-        the workspace may be longer, its extra left positions are masked)."""
+        """Run the prompt (left-padded to the workspace's length) once per image, writing its
+        keys/values into ``ws``."""
         embeds = self._prompt_embeds(pixel_values, input_ids)
         b, length = input_ids.shape
-        start = ws.length - length
+        assert length == ws.length, "prompt and workspace lengths differ"
         layers = len(self.decoder.layers)
         mask = attention_mask.bool()
         positions = (attention_mask.cumsum(1) * attention_mask - 1).long()
@@ -160,16 +249,14 @@ class FastGenerator:
         for i, layer in enumerate(self.decoder.layers):
             a = layer.self_attn
             x = layer.self_attn_layer_norm(h)
-            q = self._split(a.q_proj(x) * a.scaling)
-            k, v = self._split(a.k_proj(x)), self._split(a.v_proj(x))
+            q, k, v = (self._split(y) for y in self._project(i, a, x))
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)
             h = h + a.out_proj(o.transpose(1, 2).reshape(b, length, -1))
             h = self._mlp(layer, h)
-            ws.prefix[i, :b, :, start:] = k
-            ws.prefix[layers + i, :b, :, start:] = v
-        ws.prefix_bias[:b, ..., :start] = float("-inf")
-        ws.prefix_bias[:b, ..., start:] = 0
-        ws.prefix_bias[:b, ..., start:].masked_fill_(~mask[:, None, None, :], float("-inf"))
+            ws.prefix[i, :b] = k
+            ws.prefix[layers + i, :b] = v
+        ws.prefix_bias[:b] = 0
+        ws.prefix_bias[:b].masked_fill_(~mask[:, None, None, :], float("-inf"))
         ws.prefix_bias[b:] = 0  # padding images: finite, never read back
         return _Prefix(attention_mask.sum(1), self._logits(h[:, -1]))
 
@@ -182,9 +269,10 @@ class FastGenerator:
         for i, layer in enumerate(self.decoder.layers):
             a = layer.self_attn
             x = layer.self_attn_layer_norm(h)
-            q = self._split(a.q_proj(x) * a.scaling)  # (R, H, 1, d)
-            ws.gen[i].index_copy_(2, ws.t_index, self._split(a.k_proj(x)))
-            ws.gen[layers + i].index_copy_(2, ws.t_index, self._split(a.v_proj(x)))
+            q, k, v = self._project(i, a, x)
+            q = self._split(q)  # (R, H, 1, d)
+            ws.gen[i].index_copy_(2, ws.t_index, self._split(k))
+            ws.gen[layers + i].index_copy_(2, ws.t_index, self._split(v))
             o = self._attend(q, ws, i)
             h = h + a.out_proj(o)
             h = self._mlp(layer, h)
@@ -306,6 +394,82 @@ class FastGenerator:
             torch.cuda.synchronize()
             return False
 
+    def _encode(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor, ws: _Workspace) -> _Prefix:
+        """Image encoding + prompt prefill: replayed from a CUDA graph for small batches whose
+        workspace is cached (inputs padded to the workspace's shape), else run eagerly."""
+        enc = self._encode_graph(ws, pixel_values, input_ids, attention_mask)
+        if enc is None:
+            extra = ws.length - input_ids.shape[1]  # padded shapes: left-pad the prompt too
+            if extra:
+                input_ids = F.pad(input_ids, (extra, 0), value=self.pad)
+                attention_mask = F.pad(attention_mask, (extra, 0), value=0)
+            return self.prefill(pixel_values, input_ids, attention_mask, ws)
+        self._fill_encode_inputs(enc, pixel_values, input_ids, attention_mask)
+        enc.graph.replay()
+        self.encode_replays += 1
+        b = input_ids.shape[0]
+        return _Prefix(enc.valid[:b], enc.logits[:b])
+
+    def _fill_encode_inputs(self, enc: _EncodeGraph, pixel_values: torch.Tensor,
+                            input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        b, length = input_ids.shape
+        start = enc.ids.shape[1] - length  # left padding up to the workspace's prompt length
+        enc.pixels[:b].copy_(pixel_values)
+        enc.ids[:b, :start] = self.pad
+        enc.ids[:b, start:].copy_(input_ids)
+        enc.mask[:b, :start] = 0
+        enc.mask[:b, start:].copy_(attention_mask)
+        if b < enc.ids.shape[0]:  # padding images: copies of the first (finite, never read)
+            enc.pixels[b:] = enc.pixels[:1]
+            enc.ids[b:] = enc.ids[:1]
+            enc.mask[b:] = enc.mask[:1]
+
+    def _encode_graph(self, ws: _Workspace, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor) -> _EncodeGraph | None:
+        """``ws``'s captured encoder (captured on first use), or None where it does not apply
+        or capture is impossible here."""
+        if ws.encoder is not None:
+            return ws.encoder
+        if not (self.encode_graphs and self.cuda_graphs and pixel_values.is_cuda
+                and ws.images <= ENCODE_GRAPH_MAX_IMAGES and input_ids.shape[1] <= ws.length
+                and ws in self._cache.values()):
+            return None
+        cap, dev = ws.images, pixel_values.device
+        enc = _EncodeGraph(
+            pixels=torch.empty((cap, *pixel_values.shape[1:]), dtype=pixel_values.dtype,
+                               device=dev),
+            ids=torch.full((cap, ws.length), self.pad, dtype=torch.long, device=dev),
+            mask=torch.zeros((cap, ws.length), dtype=torch.long, device=dev),
+            valid=torch.zeros(cap, dtype=torch.long, device=dev),
+            logits=torch.zeros(cap, self.lm.lm_head.out_features, device=dev))
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._fill_encode_inputs(enc, pixel_values, input_ids, attention_mask)
+                for _ in range(2):  # warm-up: it writes only ws's prefix, rewritten per batch
+                    self.prefill(enc.pixels, enc.ids, enc.mask, ws)
+            torch.cuda.current_stream().wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self.prefill(enc.pixels, enc.ids, enc.mask, ws)
+                enc.valid.copy_(out.valid)  # outputs live outside the graph's memory pool
+                enc.logits.copy_(out.logits)
+            enc.graph = graph
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:  # noqa: BLE001 - capture failure: encode eagerly from now on
+            self.encode_graphs = False
+            self.encode_failures += 1
+            torch.cuda.synchronize()
+            return None
+        ws.encoder = enc
+        ws.bytes += enc.pixels.numel() * enc.pixels.element_size()
+        return enc
+
     # --- logits processing (transformers' semantics) ---------------------------------------
     def _process(self, scores: torch.Tensor, history: torch.Tensor, t: int,
                  params: GenerationParams) -> torch.Tensor:
@@ -317,7 +481,10 @@ class FastGenerator:
         if t < params.min_length:
             scores[:, self.eos] = float("-inf")
         if self.suppress is not None:
-            scores[:, self.suppress.to(scores.device)] = float("-inf")
+            ids = self._suppress_on.get(scores.device)
+            if ids is None:
+                ids = self._suppress_on[scores.device] = self.suppress.to(scores.device)
+            scores[:, ids] = float("-inf")
         return scores
 
     @staticmethod
@@ -345,7 +512,7 @@ class FastGenerator:
             else params.num_beams
         ws = self._workspace(input_ids.shape[0], per_image, input_ids.shape[1],
                              params.max_length, self.decoder.embed_tokens.weight)
-        prefix = self.prefill(pixel_values, input_ids, attention_mask, ws)
+        prefix = self._encode(pixel_values, input_ids, attention_mask, ws)
         if sampling:
             return self._sample(ws, prefix, input_ids, params, per_image)
         return self._beam_search(ws, prefix, input_ids, params)
@@ -360,6 +527,7 @@ class FastGenerator:
         done = torch.zeros(rows, dtype=torch.bool, device=device)
         out = torch.full((rows, params.max_length), self.pad, dtype=torch.long, device=device)
         steps = 0
+        stopped = _Flag(device)
         for t in range(params.max_length):
             scores = self._process(logits, history, t, params)
             if params.use_nucleus_sampling:
@@ -376,9 +544,14 @@ class FastGenerator:
             history = torch.cat([history, token[:, None]], 1)
             done |= token == self.eos
             steps = t + 1
-            if bool(done.all()) or t + 1 == params.max_length:
+            if t + 1 == params.max_length:
+                break
+            stopped.post(done.all())
+            if not self.overlap and stopped.read():
                 break
             logits = self._run_step(ws, token, positions + t, t)
+            if self.overlap and stopped.read():  # the pass just queued is not needed
+                break
         return out[:, :steps].tolist()
 
     def _beam_search(self, ws: _Workspace, prefix: _Prefix, input_ids: torch.Tensor,
@@ -400,6 +573,7 @@ class FastGenerator:
         positions = prefix.valid.repeat_interleave(k, 0)
         logits = prefix.logits.repeat_interleave(k, 0)
         image_offset = (torch.arange(b, device=device) * k)[:, None]
+        stopped = _Flag(device)
         for t in range(steps_max):
             history = seqs.view(b * k, -1)
             scores = self._process(logits.log_softmax(-1), history, t, params)
@@ -431,10 +605,15 @@ class FastGenerator:
             worst = torch.where(fin_done, fin_scores.min(1, keepdim=True).values,
                                 torch.full_like(fin_scores, NEG))
             improvable = improvable & (best_running > worst).any(-1, keepdim=True)
-            if not bool(improvable.any()) or bool(ends.all()):
+            if t + 1 == steps_max:
+                break
+            stopped.post(~improvable.any() | ends.all())
+            if not self.overlap and stopped.read():
                 break
             if t:  # follow the surviving beams' histories (real rows only), all layers at once
                 ws.gen[:, :b * k, :, :t] = ws.gen[:, rows, :, :t]
             logits = self._run_step(ws, seqs[:, :, -1].reshape(-1), positions + t, t)
+            if self.overlap and stopped.read():  # the pass just queued is not needed
+                break
         best = fin_seqs[:, :params.num_captions, prompt_len:].reshape(b * params.num_captions, -1)
         return best.tolist()

@@ -74,3 +74,60 @@ def test_the_engine_uses_the_fast_decoder_by_default():
     eng = engine_mod.load_engine(config.Config.from_env({"BLIP_MODEL": "tiny-random",
                                                          "BLIP_WARMUP": "0"}))
     assert eng.decoder == "fast" and fastgen.supports(eng.model)
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["check-then-step", "step-then-check"])
+@pytest.mark.parametrize("beams", [1, 3])
+def test_stopping_early_gives_the_same_tokens_with_or_without_overlap(eng, batch, overlap, beams):
+    # the real model stops at eos long before max_length; both loop orders must agree with
+    # transformers there (overlap queues one more decoder pass, whose output is discarded)
+    px, pxn, _, _ = batch
+    pick = [1, 3]  # images whose tiny-model captions end within 40 tokens
+    prompts = [PROMPTS[i] for i in pick]
+    ids, mask = eng.build_inputs(prompts)
+    params = G(num_beams=beams, max_length=40, min_length=0)
+    want = eng._generate(px[pick], prompts, params)
+    gen = fastgen.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id,
+                                overlap=overlap)
+    steps = []
+    real_step = gen._run_step
+    gen._run_step = lambda *a: steps.append(a[-1]) or real_step(*a)
+    rows = gen.generate(pxn[pick], ids, mask, params)
+    assert [[eng._decode(r)] for r in rows] == want
+    assert all(eng.m.eos_token_id in r for r in rows)
+    if beams == 1:  # (beam search's length heuristic runs on to max_length on this model)
+        assert len(steps) < 39  # the search did stop early
+
+
+def test_encoder_graph_inputs_pad_a_small_batch_without_changing_it(eng, batch):
+    # What the CUDA graph of image encoding + prefill is fed (on CPU, run eagerly): the batch
+    # padded to the workspace's capacity with copies of its first image, the prompts
+    # left-padded to the workspace's length. The real images' outputs must not change.
+    _, pxn, ids, mask = batch
+    gen = fastgen.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id, bucket=True)
+    b = 3
+    ws = gen._workspace(b, 1, ids.shape[1], 4, eng.model.language_model.lm_head.weight)
+    assert ws.images == 4 and ws.length > ids.shape[1]  # a padded shape
+    want = gen._encode(pxn[:b], ids[:b], mask[:b], ws)
+    want_prefix = ws.prefix[:, :b].clone()
+    enc = fastgen._EncodeGraph(
+        pixels=torch.full((4, *pxn.shape[1:]), float("nan")),
+        ids=torch.full((4, ws.length), -1), mask=torch.full((4, ws.length), -1),
+        valid=torch.zeros(4, dtype=torch.long), logits=torch.zeros(4, 1))
+    gen._fill_encode_inputs(enc, pxn[:b], ids[:b], mask[:b])
+    assert not enc.pixels.isnan().any() and (enc.ids >= 0).all() and (enc.mask >= 0).all()
+    got = gen.prefill(enc.pixels, enc.ids, enc.mask, ws)
+    assert torch.equal(got.valid[:b], want.valid)
+    torch.testing.assert_close(got.logits[:b], want.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ws.prefix[:, :b], want_prefix, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_projections_share_the_model_parameters(eng):
+    gen = fastgen.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id)
+    attn = eng.model.language_model.model.decoder.layers[0].self_attn
+    w, b = gen._qkv[0]
+    n = attn.q_proj.weight.shape[0]
+    assert attn.k_proj.weight.data_ptr() == w[n:].data_ptr()  # views: no second copy
+    assert torch.equal(w[2 * n:], attn.v_proj.weight) and torch.equal(b[:n], attn.q_proj.bias)
+    again = fastgen.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id)
+    assert again._qkv[0][0] is w  # a second generator on the same model reuses them

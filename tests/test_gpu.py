@@ -38,6 +38,8 @@ def test_cuda_graphs_give_transformers_tokens(images, params):
         got = [r.captions for r in fast.caption(imgs, params, prompts=prompts[:images])]
         assert got == want
     assert fast.fast.graph_replays > 0 and fast.fast.graph_failures == 0
+    # batches of up to 16 images also replay image encoding + prefill from a graph
+    assert fast.fast.encode_replays > 0 and fast.fast.encode_failures == 0
 
 
 def test_graphs_equal_eager_on_the_full_architecture_in_fp16():
@@ -56,7 +58,7 @@ def test_graphs_equal_eager_on_the_full_architecture_in_fp16():
     graphs = fastgen.FastGenerator(loaded.model, loaded.eos_token_id, loaded.pad_token_id,
                                    cuda_graphs=True, graph_memory_bytes=2 ** 32)
     assert graphs.generate(px, ids, mask, p) == eager.generate(px, ids, mask, p)
-    assert graphs.graph_replays > 0
+    assert graphs.graph_replays > 0 and graphs.encode_replays > 0
     del loaded, eager, graphs
     torch.cuda.empty_cache()
 
