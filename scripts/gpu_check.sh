@@ -14,13 +14,16 @@ if [ -d .whl ]; then  # the pinned transformers/tokenizers wheels, when the box 
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true) | tee "$OUT/gpu.log"
+(nvidia-smi --query-compute-apps=pid,used_memory --format=csv || true) | tee -a "$OUT/gpu.log"
 date -u | tee -a "$OUT/gpu.log"
 B="python3 src/bench.py --model $MODEL --out $OUT/bench.jsonl"
-step() { echo "=== $*" | tee -a "$OUT/steps.log"; timeout "$@" 2>&1 | grep -v Warning | tee -a "$OUT/steps.log"; }
+step() { echo "=== $*" | tee -a "$OUT/steps.log"; timeout "$@" 2>&1 | grep -v Warning | tee -a "$OUT/steps.log"; clocks; }
+# clocks, power and throttle reasons after each step: a throttled or shared GPU shows here
+clocks() { nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active,utilization.gpu --format=csv,noheader >> "$OUT/gpu.log" 2>&1 || true; }
 
 step 150 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
 if [ -n "${QUICK:-}" ]; then
-  step 150 $B --mode engine --batch-sizes 1,16,64,256 --decoders fast,fast-base
+  step 150 $B --mode engine --batch-sizes 1,16,64,256 --decoders fast-base,fast
   step 90 $B --mode job --images 512
   step 90 $B --mode concurrent --images 64
   step 60 python3 scripts/gpu_profile.py

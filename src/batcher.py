@@ -3,7 +3,7 @@
 Jobs submit one preprocessed image at a time (``submit`` returns a ``Future``). The GPU thread
 takes the oldest waiting image, fills a batch with waiting images whose ``GenerationParams``
 are equal (prompts may differ: rows are left-padded), waits up to ``BLIP_BATCH_WAIT_MS`` for
-more when the batch is not full, runs it through ``engine.generate_with_fallback`` and resolves
+more when the batch is not full and a running job may still send some (``producer``), runs it through ``engine.generate_with_fallback`` and resolves
 each image's future. So 64 one-image jobs arriving together ride in one or a few GPU batches
 instead of 64, and a 1000-image job keeps the GPU busy while its downloads continue.
 
@@ -53,6 +53,7 @@ class Batcher:
         self._cv = threading.Condition()
         self._oom_caps: dict[GenerationParams, int] = {}
         self._stop = False
+        self._producers = 0  # jobs that may still submit images (see ``producer``)
         self._thread: threading.Thread | None = None
         self.batches_run = 0
         self.batch_sizes: list[int] = []  # recent batch sizes (bench / tests)
@@ -91,6 +92,19 @@ class Batcher:
             self._cv.notify()
         return future
 
+    def producer(self) -> "Producer":
+        """Register a job that will submit images: while any registered job may still submit,
+        a batch that is not full waits up to ``BLIP_BATCH_WAIT_MS`` for more; when none may,
+        it starts at once (a lone image never waits for company that cannot come)."""
+        with self._cv:
+            self._producers += 1
+        return Producer(self)
+
+    def _producer_done(self) -> None:
+        with self._cv:
+            self._producers -= 1
+            self._cv.notify_all()
+
     def pending(self) -> int:
         with self._cv:
             return len(self._queue)
@@ -114,7 +128,8 @@ class Batcher:
             while True:
                 batch = self._select(head.params, limit)
                 remaining = deadline - time.monotonic()
-                if len(batch) >= limit or remaining <= 0 or self._stop:
+                if (len(batch) >= limit or remaining <= 0 or self._stop
+                        or self._producers == 0):
                     break
                 self._cv.wait(timeout=remaining)
             for item in batch:
@@ -190,3 +205,29 @@ class Batcher:
 
 
 __all__ = ["Batcher", "CaptionResult"]
+
+
+class Producer:
+    """A registered job's claim that more images may come. Opened by ``Batcher.producer``
+    holding one reference (the job's own loop over its inputs); ``hold`` adds one per image
+    still being decoded, ``release`` drops one; the claim ends when the last is dropped."""
+
+    def __init__(self, batcher: Batcher):
+        self._batcher = batcher
+        self._refs = 1
+        self._lock = threading.Lock()
+
+    def hold(self) -> None:
+        with self._lock:
+            if self._refs <= 0:
+                raise RuntimeError("producer already closed")
+            self._refs += 1
+
+    def release(self) -> None:
+        with self._lock:
+            if self._refs <= 0:
+                return
+            self._refs -= 1
+            last = self._refs == 0
+        if last:
+            self._batcher._producer_done()

@@ -68,7 +68,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("warmup", "BLIP_WARMUP", "bool", True,
             "Run one tiny caption after loading so the first job is not slow."),
     Setting("batch_wait_ms", "BLIP_BATCH_WAIT_MS", "float", 5.0,
-            "How long the GPU loop waits for more images to fill a batch across jobs.",
+            "How long the GPU loop waits for more images to fill a batch across jobs "
+            "(only while a running job may still send some: a lone image starts at once).",
             lo=0, hi=1000),
     Setting("max_concurrent_jobs", "MAX_CONCURRENT_JOBS", "int", 16,
             "Jobs a worker runs at once (RunPod concurrency); their images share GPU batches.",

@@ -287,7 +287,7 @@ class FastGenerator:
         s_prefix = qi @ ws.prefix[i].transpose(-1, -2) + ws.prefix_bias  # (B, H, k, L)
         s_gen = q @ ws.gen[i].transpose(-1, -2) + ws.gen_bias  # (R, H, 1, T)
         s_gen = s_gen.view(b, k, heads, -1).transpose(1, 2)  # (B, H, k, T)
-        p = torch.cat([s_prefix, s_gen], dim=-1).float().softmax(-1).to(q.dtype)
+        p = torch.cat([s_prefix, s_gen], dim=-1).softmax(-1, dtype=torch.float32).to(q.dtype)
         out = p[..., :ws.length] @ ws.prefix[layers + i]  # (B, H, k, d)
         p_gen = p[..., ws.length:].transpose(1, 2).reshape(b * k, heads, 1, -1)
         out = out.transpose(1, 2).reshape(b * k, heads, 1, d) + p_gen @ ws.gen[layers + i]

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 
 import output
 import schema
-from batcher import Batcher
+from batcher import Batcher, Producer
 from config import Config
 from engine import BaseEngine, CaptionResult, FatalDeviceError, is_fatal_device_error
 from errors import ImageError, JobError, short
@@ -55,6 +55,7 @@ class _JobState:
     cancelled: threading.Event = field(default_factory=threading.Event)
     gpu: list[Future] = field(default_factory=list)  # its images queued for the GPU
     inputs: JobInputs | None = None
+    producer: Producer | None = None  # open while this job may still queue images
     done: int = 0
     total: int | None = None
     first_gpu_at: float | None = None
@@ -151,14 +152,20 @@ class Worker:
         with JobInputs(request.sources, request.single, self.cfg) as inputs:
             state.inputs = inputs
             completed = False
+            # tells the GPU loop that this job may still send images (released once the
+            # inputs are exhausted and every image was decoded and queued)
+            state.producer = self.batcher.producer()
             try:
-                for item in inputs:
-                    if state.cancelled.is_set():
-                        break
-                    if isinstance(item, ImageFailure):
-                        failures.append((item.order, item.image_path, item.error))
-                        continue
-                    entries.append(self._start(item, request, state))
+                try:
+                    for item in inputs:
+                        if state.cancelled.is_set():
+                            break
+                        if isinstance(item, ImageFailure):
+                            failures.append((item.order, item.image_path, item.error))
+                            continue
+                        entries.append(self._start(item, request, state))
+                finally:
+                    state.producer.release()
                 with state.lock:
                     state.total = len(entries)
                 results = [(e, e.future.result()) for e in entries]
@@ -191,15 +198,24 @@ class Worker:
         self.in_flight.acquire()
         done: Future = Future()
         entry = _Entry(item.order, item.image_path, item.member, done)
+        state.producer.hold()
         try:
             self.decode_pool.submit(self._decode_and_queue, item, request, state, done)
         except BaseException:
+            state.producer.release()
             self.in_flight.release()
             raise
         return entry
 
     def _decode_and_queue(self, item: ImageSource, request: schema.CaptionRequest,
                           state: _JobState, done: Future) -> None:
+        try:
+            self._decode_and_submit(item, request, state, done)
+        finally:
+            state.producer.release()  # after the submit: the GPU loop sees the image first
+
+    def _decode_and_submit(self, item: ImageSource, request: schema.CaptionRequest,
+                           state: _JobState, done: Future) -> None:
         try:
             if state.cancelled.is_set():
                 raise ImageError("job ended before this image was decoded")

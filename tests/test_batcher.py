@@ -1,5 +1,6 @@
 """Cross-job batching on the tiny model: results are routed back to the right submitter."""
 import threading
+import time
 
 import pytest
 
@@ -175,3 +176,33 @@ def test_stopping_fails_queued_images_instead_of_hanging(eng):
     b.stop()
     with pytest.raises(RuntimeError, match="stopped"):
         f.result(timeout=5)
+
+
+def test_a_lone_image_starts_at_once_when_no_job_can_send_more(eng):
+    b = Batcher(eng, wait_ms=600_000).start()
+    try:
+        px = eng.preprocess(distinct_images(1)[0])
+        # no running job may send more, so the (10 minute) batch wait does not apply
+        assert b.submit(px, "a photo of", GREEDY).result(timeout=60).error is None
+        assert b.batch_sizes == [1]
+    finally:
+        b.stop()
+
+
+def test_an_open_job_holds_a_batch_for_its_next_images(eng):
+    b = Batcher(eng, wait_ms=600_000).start()
+    try:
+        pixels = [eng.preprocess(i) for i in distinct_images(3)]
+        job = b.producer()
+        futures = [b.submit(pixels[0], "a photo of", GREEDY)]
+        time.sleep(0.5)  # had the GPU loop not waited, a batch of 1 would have started by now
+        futures += [b.submit(px, "a photo of", GREEDY) for px in pixels[1:]]
+        assert b.batch_sizes == []
+        job.release()  # the job's last image is queued: the batch starts
+        assert all(f.result(timeout=60).error is None for f in futures)
+        assert b.batch_sizes == [3]
+        job.release()  # a second release is harmless
+        with pytest.raises(RuntimeError):
+            job.hold()
+    finally:
+        b.stop()

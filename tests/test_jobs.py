@@ -257,3 +257,19 @@ def test_a_training_set_zip_with_caption_side_files_is_not_over_the_image_limit(
         assert len(out["captions"]) == 3 and out["skipped"] == 3
     finally:
         w.close()
+
+
+def test_a_job_releases_the_gpu_loop_once_its_last_image_is_queued(tmp_path):
+    # a 10-minute batch wait: the job finishes only because it tells the GPU loop that no
+    # more images will come once every member is decoded and queued; all ride in one batch
+    w = make_worker(tmp_path)
+    w.batcher.wait_s = 600.0  # beyond BLIP_BATCH_WAIT_MS's bounds: a hang would be obvious
+    try:
+        data = testlib.make_zip([(f"m{i}.png", testlib.png(seed=i)) for i in range(5)])
+        out = w.run({"data_url": testlib.data_uri(data), **FAST}, "job-release")
+        assert len(out["captions"]) == 5 and "errors" not in out
+        assert w.batcher.batch_sizes == [5]
+        single = w.run({"data_url": testlib.data_uri(testlib.jpeg(seed=9)), **FAST}, "job-one")
+        assert len(single["captions"]) == 1 and w.batcher.batch_sizes == [5, 1]
+    finally:
+        w.close()
