@@ -72,7 +72,7 @@ class _Workspace:
     steps: int  # new tokens at most
     prefix: torch.Tensor  # (2 x layers, images, H, length, d): keys then values, per layer
     prefix_bias: torch.Tensor  # (images, 1, 1, length)
-    gen: torch.Tensor  # (2 x layers, rows, H, steps, d), zero-initialised: generated K/V
+    gen: torch.Tensor  # (layers, 2, images, H, per_image, steps, d), zero: generated K, V
     gen_bias: torch.Tensor  # (1, 1, 1, steps): 0 up to the current step, -inf after
     tokens: torch.Tensor  # (rows,)
     positions: torch.Tensor  # (rows,)
@@ -265,33 +265,47 @@ class FastGenerator:
         Only fixed-shape tensor work: this is what a CUDA graph records."""
         h = self.decoder.embed_tokens(ws.tokens)[:, None]
         h = h + self.decoder.embed_positions(None, 0, position_ids=ws.positions[:, None])
-        layers = len(self.decoder.layers)
         for i, layer in enumerate(self.decoder.layers):
             a = layer.self_attn
             x = layer.self_attn_layer_norm(h)
-            q, k, v = self._project(i, a, x)
-            q = self._split(q)  # (R, H, 1, d)
-            ws.gen[i].index_copy_(2, ws.t_index, self._split(k))
-            ws.gen[layers + i].index_copy_(2, ws.t_index, self._split(v))
+            q, kv = self._project_step(i, a, x, ws.per_image)
+            ws.gen[i].index_copy_(4, ws.t_index, kv)  # keys and values in one copy
             o = self._attend(q, ws, i)
             h = h + a.out_proj(o)
             h = self._mlp(layer, h)
         ws.logits.copy_(self._logits(h[:, 0]))
 
+    def _project_step(self, i: int, attn, x: torch.Tensor,
+                      per_image: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For one new token per row (rows image-major, ``x``: (R, 1, H*d)): q as
+        (B, H, k, d) and the new keys and values as (2, B, H, k, 1, d), views where the fused
+        projection allows (what ``ws.gen[i]`` takes with one ``index_copy_``)."""
+        rows, heads, d = x.shape[0], self.heads, self.head_dim
+        fused = self._qkv[i]
+        if fused is None:
+            q = attn.q_proj(x) * attn.scaling
+            kv = torch.stack([attn.k_proj(x), attn.v_proj(x)], 2)  # (R, 1, 2, H*d)
+        else:
+            qkv = F.linear(x, *fused)  # (R, 1, 3*H*d)
+            q = qkv[..., :heads * d] * attn.scaling
+            kv = qkv[..., heads * d:]
+        k = per_image
+        q = q.view(rows // k, k, heads, d).transpose(1, 2)
+        kv = kv.reshape(rows // k, k, 2, heads, d).permute(2, 0, 3, 1, 4).unsqueeze(4)
+        return q, kv
+
     def _attend(self, q: torch.Tensor, ws: _Workspace, i: int) -> torch.Tensor:
         """Attention of one new token per row over its image's shared prompt cache and its own
-        generated tokens, with one softmax over both."""
-        b, k, heads, d = ws.images, ws.per_image, self.heads, self.head_dim
+        generated tokens, with one softmax over both; all in the (image, head, beam) layout,
+        so only the result is transposed back to rows."""
         layers = len(self.decoder.layers)
-        qi = q.view(b, k, heads, d).transpose(1, 2)  # (B, H, k, d)
-        s_prefix = qi @ ws.prefix[i].transpose(-1, -2) + ws.prefix_bias  # (B, H, k, L)
-        s_gen = q @ ws.gen[i].transpose(-1, -2) + ws.gen_bias  # (R, H, 1, T)
-        s_gen = s_gen.view(b, k, heads, -1).transpose(1, 2)  # (B, H, k, T)
+        keys, values = ws.gen[i, 0], ws.gen[i, 1]  # (B, H, k, T, d)
+        s_prefix = q @ ws.prefix[i].transpose(-1, -2) + ws.prefix_bias  # (B, H, k, L)
+        s_gen = (q.unsqueeze(-2) @ keys.transpose(-1, -2)).squeeze(-2) + ws.gen_bias
         p = torch.cat([s_prefix, s_gen], dim=-1).softmax(-1, dtype=torch.float32).to(q.dtype)
         out = p[..., :ws.length] @ ws.prefix[layers + i]  # (B, H, k, d)
-        p_gen = p[..., ws.length:].transpose(1, 2).reshape(b * k, heads, 1, -1)
-        out = out.transpose(1, 2).reshape(b * k, heads, 1, d) + p_gen @ ws.gen[layers + i]
-        return out.transpose(1, 2).reshape(b * k, 1, heads * d)
+        out = out + (p[..., ws.length:].unsqueeze(-2) @ values).squeeze(-2)
+        return out.transpose(1, 2).reshape(ws.images * ws.per_image, 1, -1)
 
     # --- workspaces and graphs ------------------------------------------------------------
     def _shape_for(self, images: int, length: int) -> tuple[int, int]:
@@ -313,8 +327,8 @@ class FastGenerator:
         dev, dt = like.device, like.dtype
         prefix = torch.zeros(2 * layers, images, self.heads, length, self.head_dim, device=dev,
                              dtype=dt)
-        gen = torch.zeros(2 * layers, rows, self.heads, steps, self.head_dim, device=dev,
-                          dtype=dt)
+        gen = torch.zeros(layers, 2, images, self.heads, per_image, steps, self.head_dim,
+                          device=dev, dtype=dt)
         table = torch.full((steps, 1, 1, 1, steps), float("-inf"), device=dev, dtype=dt)
         for t in range(steps):
             table[t, ..., :t + 1] = 0
@@ -572,7 +586,6 @@ class FastGenerator:
         first_k = torch.arange(keep, device=device) < k
         positions = prefix.valid.repeat_interleave(k, 0)
         logits = prefix.logits.repeat_interleave(k, 0)
-        image_offset = (torch.arange(b, device=device) * k)[:, None]
         stopped = _Flag(device)
         for t in range(steps_max):
             history = seqs.view(b * k, -1)
@@ -587,7 +600,6 @@ class FastGenerator:
             live = torch.topk(cand_scores + ends.float() * NEG, k).indices
             seqs = cand_seqs.gather(1, live[:, :, None].expand(-1, -1, cand_seqs.shape[2]))
             run_scores = cand_scores.gather(1, live)
-            rows = (parent.gather(1, live) + image_offset).view(-1)
             # among the first k candidates, those that ended may become finished hypotheses
             normed = cand_scores / float((t + 1) ** lp)
             normed = normed + (~improvable).float() * NEG + (~(ends & first_k)).float() * NEG
@@ -610,8 +622,10 @@ class FastGenerator:
             stopped.post(~improvable.any() | ends.all())
             if not self.overlap and stopped.read():
                 break
-            if t:  # follow the surviving beams' histories (real rows only), all layers at once
-                ws.gen[:, :b * k, :, :t] = ws.gen[:, rows, :, :t]
+            if t:  # follow the surviving beams' histories (real images), all layers at once
+                hist = ws.gen[:, :, :b, :, :, :t]
+                parents = parent.gather(1, live).view(1, 1, b, 1, k, 1, 1).expand(hist.shape)
+                hist.copy_(hist.gather(4, parents))
             logits = self._run_step(ws, seqs[:, :, -1].reshape(-1), positions + t, t)
             if self.overlap and stopped.read():  # the pass just queued is not needed
                 break
