@@ -283,8 +283,8 @@ class FastGenerator:
         rows, heads, d = x.shape[0], self.heads, self.head_dim
         fused = self._qkv[i]
         if fused is None:
-            q = attn.q_proj(x) * attn.scaling
-            kv = torch.stack([attn.k_proj(x), attn.v_proj(x)], 2)  # (R, 1, 2, H*d)
+            q, k, v = self._project(i, attn, x)
+            kv = torch.stack([k, v], 2)  # (R, 1, 2, H*d)
         else:
             qkv = F.linear(x, *fused)  # (R, 1, 3*H*d)
             q = qkv[..., :heads * d] * attn.scaling

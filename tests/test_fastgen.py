@@ -131,3 +131,14 @@ def test_fused_projections_share_the_model_parameters(eng):
     assert torch.equal(w[2 * n:], attn.v_proj.weight) and torch.equal(b[:n], attn.q_proj.bias)
     again = fastgen.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id)
     assert again._qkv[0][0] is w  # a second generator on the same model reuses them
+
+
+def test_unfused_projections_give_the_same_tokens(eng, batch):
+    # the path for decoders whose q/k/v cannot be fused (no biases, offloaded, hooked)
+    _, pxn, ids, mask = batch
+    params = G(num_beams=3, max_length=10, min_length=2)
+    fused = fastgen.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id)
+    plain = fastgen.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id,
+                                  fuse_qkv=False)
+    assert plain._qkv == [None] * len(plain._qkv)
+    assert plain.generate(pxn, ids, mask, params) == fused.generate(pxn, ids, mask, params)
