@@ -11,11 +11,12 @@
 Modes:
 - ``engine``: one ``generate`` call per batch size on preprocessed images; images/s and batch
   latency p50/p95, per decoder (``--decoders fast,fast-base,hf``: ``fast-base`` is the fast
-  decoder without step overlap, encoder graphs and fused q/k/v); ``--compare-naive`` adds the seed
+  decoder without step overlap, encoder graphs and fused q/k/v; ``fast-compiled`` compiles the
+  image encoder, ``BLIP_COMPILE_VISION``); ``--compare-naive`` adds the seed
   worker's loop (decode, preprocess and caption one image at a time, transformers' generate)
   and prints the ratio.
 - ``job``: one job of ``--images`` decoded images through the GPU batcher (what a zip job does
-  once its images are decoded).
+  once its images are decoded); per ``--decoders`` variant and ``--staging`` (pinned, host).
 - ``concurrent``: ``--images`` one-image jobs submitted at once from as many threads through
   the batcher, against the same images one job after another; prints the ratio.
 - ``pipeline``: a zip of ``--images`` synthetic JPEGs (``--image-size``) through the whole
@@ -142,6 +143,29 @@ def make_engine(args, **env) -> engine_mod.BaseEngine:
     return engine_mod.load_engine(config.Config.from_env(settings))
 
 
+# --decoders: the engine variants a benchmark can compare in one run
+VARIANTS = {
+    "fast": {"BLIP_DECODER": "fast"},
+    # the fast decoder as of H100 run 2: a host round trip per step, image encoding and
+    # prefill launched eagerly, separate q/k/v projections (same tokens)
+    "fast-base": {"BLIP_DECODER": "fast"},
+    # the fast decoder with the image encoder's layer compiled (BLIP_COMPILE_VISION)
+    "fast-compiled": {"BLIP_DECODER": "fast", "BLIP_COMPILE_VISION": "1"},
+    "hf": {"BLIP_DECODER": "hf"},
+}
+COMPARE = (("fast", "hf"), ("fast", "fast-base"), ("fast-compiled", "fast"))
+
+
+def make_variant(args, name: str, **env) -> engine_mod.BaseEngine:
+    if name not in VARIANTS:
+        raise SystemExit(f"--decoders: unknown variant {name!r}; use {', '.join(VARIANTS)}")
+    eng = make_engine(args, **VARIANTS[name], **env)
+    if name == "fast-base" and eng.fast is not None:
+        eng.fast.overlap = eng.fast.encode_graphs = False
+        eng.fast._qkv = [None] * len(eng.fast._qkv)
+    return eng
+
+
 def params_of(args) -> GenerationParams:
     k = args.new_tokens
     return GenerationParams(num_beams=args.num_beams, max_length=k, min_length=k)
@@ -153,23 +177,18 @@ def mode_engine(args, report: Report) -> None:
     rates: dict[tuple[str, int], float] = {}
     eng = None
     for decoder in args.decoders:
-        eng = make_engine(args, BLIP_DECODER=decoder.split("-")[0], BLIP_MAX_BATCH_SIZE="1024")
-        if decoder == "fast-base" and eng.fast is not None:
-            # the fast decoder as of H100 run 2: a host round trip per step, image encoding
-            # and prefill launched eagerly, separate q/k/v projections (same tokens)
-            eng.fast.overlap = eng.fast.encode_graphs = False
-            eng.fast._qkv = [None] * len(eng.fast._qkv)
+        eng = make_variant(args, decoder, BLIP_MAX_BATCH_SIZE="1024")
         pixels = [eng.preprocess(decode(j)) for j in jpegs]
         for b in args.batch_sizes:
-            batch = torch.stack(pixels[:b])
             try:
-                eng.generate_batch(batch, [DEFAULT_PROMPT] * b, params)  # warm this shape
+                # warm this shape
+                eng.generate_batch(eng.collate(pixels[:b]), [DEFAULT_PROMPT] * b, params)
                 sync(eng.device)
                 reset_peak(eng.device)
                 times = []
                 for _ in range(args.reps):
                     t0 = time.perf_counter()
-                    eng.generate_batch(batch, [DEFAULT_PROMPT] * b, params)
+                    eng.generate_batch(eng.collate(pixels[:b]), [DEFAULT_PROMPT] * b, params)
                     sync(eng.device)
                     times.append(time.perf_counter() - t0)
             except Exception as exc:  # noqa: BLE001 - report and go on (e.g. OOM at a size)
@@ -189,12 +208,12 @@ def mode_engine(args, report: Report) -> None:
             del eng, pixels
             eng = None
             release()
-    for other in ("hf", "fast-base"):
-        if "fast" in args.decoders and other in args.decoders:
+    for first, other in COMPARE:
+        if first in args.decoders and other in args.decoders:
             for b in args.batch_sizes:
-                if ("fast", b) in rates and (other, b) in rates:
-                    report.emit(mode="engine", compare=f"fast/{other}", batch=b,
-                                ratio=round(rates[("fast", b)] / rates[(other, b)], 2))
+                if (first, b) in rates and (other, b) in rates:
+                    report.emit(mode="engine", compare=f"{first}/{other}", batch=b,
+                                ratio=round(rates[(first, b)] / rates[(other, b)], 2))
     if args.compare_naive:
         naive_eng = make_engine(args, BLIP_DECODER="hf", BLIP_MAX_BATCH_SIZE="1")
         n = min(args.naive_images, len(jpegs))
@@ -217,27 +236,44 @@ def _batcher(args, eng):
 
 def mode_job(args, report: Report) -> None:
     params = params_of(args)
-    eng = make_engine(args)
     jpegs = synthetic_jpegs(min(args.images, 64), args.image_size)
-    pixels = [eng.preprocess(decode(jpegs[i % len(jpegs)])) for i in range(args.images)]
-    b = _batcher(args, eng)
-    try:
-        for label in ("warm-up", "measured"):
-            reset_peak(eng.device)
-            t0 = time.perf_counter()
-            job = b.producer()  # as the worker does: the job may still send images
-            futures = [b.submit(px, DEFAULT_PROMPT, params) for px in pixels]
-            job.release()
-            results = [f.result() for f in futures]
-            elapsed = time.perf_counter() - t0
-        assert all(r.error is None for r in results)
-        report.emit(mode="job", images=args.images, num_beams=args.num_beams,
-                    new_tokens=args.new_tokens, decoder=eng.cfg.decoder,
-                    batch_limit=eng.batch_limit(params), images_per_s=round(args.images / elapsed, 2),
-                    seconds=round(elapsed, 3), peak_gib=peak_gib(eng.device),
-                    batch_sizes=sorted(set(b.batch_sizes[-20:])), note=label)
-    finally:
-        b.stop()
+    rates: dict[tuple[str, str], float] = {}
+    for decoder in args.decoders:
+        eng = make_variant(args, decoder)
+        for staging in args.staging:
+            # pinned: each image preprocessed into pinned memory and copied to the GPU on its
+            # own (the worker's default on CUDA); host: the batch stacked and pinned on the
+            # host by the GPU thread (before commit "engine: stage images in pinned memory")
+            eng.device_collate = staging == "pinned" and eng.device.type == "cuda"
+            pixels = [eng.preprocess(decode(jpegs[i % len(jpegs)])) for i in range(args.images)]
+            b = _batcher(args, eng)
+            try:
+                for label in ("warm-up", "measured"):
+                    reset_peak(eng.device)
+                    t0 = time.perf_counter()
+                    job = b.producer()  # as the worker does: the job may still send images
+                    futures = [b.submit(px, DEFAULT_PROMPT, params) for px in pixels]
+                    job.release()
+                    results = [f.result() for f in futures]
+                    elapsed = time.perf_counter() - t0
+            finally:
+                b.stop()
+            assert all(r.error is None for r in results)
+            rates[(decoder, staging)] = args.images / elapsed
+            report.emit(mode="job", images=args.images, num_beams=args.num_beams,
+                        new_tokens=args.new_tokens, decoder=decoder, staging=staging,
+                        batch_limit=eng.batch_limit(params),
+                        images_per_s=round(args.images / elapsed, 2), seconds=round(elapsed, 3),
+                        peak_gib=peak_gib(eng.device),
+                        batch_sizes=sorted(set(b.batch_sizes[-20:])), note=label)
+            del pixels
+        eng.free_memory()
+        del eng
+        release()
+    for (d1, s1), r1 in rates.items():
+        for (d2, s2), r2 in rates.items():
+            if ((d1, d2) in COMPARE and s1 == s2) or (d1 == d2 and (s1, s2) == ("pinned", "host")):
+                report.emit(mode="job", compare=f"{d1}/{d2} {s1}/{s2}", ratio=round(r1 / r2, 3))
 
 
 def mode_concurrent(args, report: Report) -> None:
@@ -399,10 +435,17 @@ def mode_load(args, report: Report) -> None:
     t0 = time.perf_counter()
     import transformers.models.blip_2.modeling_blip_2  # noqa: F401
     imports = time.perf_counter() - t0
-    eng = make_engine(args)
-    report.emit(mode="load", import_s=round(imports, 2), load_s=round(eng.load_s, 2),
-                warmup_s=round(eng.warmup_s, 3), decoder=eng.cfg.decoder,
-                max_batch_size=eng.max_batch_size)
+    for decoder in args.decoders:
+        eng = make_variant(args, decoder)
+        vision = getattr(getattr(eng, "fast", None), "vision", None)
+        report.emit(mode="load", import_s=round(imports, 2), load_s=round(eng.load_s, 2),
+                    warmup_s=round(eng.warmup_s, 3), decoder=decoder,
+                    compile_s=round(vision.compile_s, 2) if vision is not None else None,
+                    max_batch_size=eng.max_batch_size)
+        imports = 0.0  # imported once
+        eng.free_memory()
+        del eng, vision
+        release()
 
 
 MODES = {"engine": mode_engine, "job": mode_job, "concurrent": mode_concurrent,
@@ -422,7 +465,10 @@ def parse_args(argv=None):
                     type=lambda s: [int(v) for v in s.split(",")])
     ap.add_argument("--num-beams", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=12)
-    ap.add_argument("--decoders", default="fast", type=lambda s: s.split(","))
+    ap.add_argument("--decoders", default="fast", type=lambda s: s.split(","),
+                    help="engine variants (engine and job modes): " + ", ".join(VARIANTS))
+    ap.add_argument("--staging", default="pinned", type=lambda s: s.split(","),
+                    help="job mode: pinned (default) and/or host (see mode_job)")
     ap.add_argument("--dtype", default=None, choices=[None, "float16", "bfloat16", "float32"])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--compare-naive", action="store_true")
