@@ -21,21 +21,20 @@ step() { echo "=== $*" | tee -a "$OUT/steps.log"; timeout "$@" 2>&1 | grep -v Wa
 # clocks, power and throttle reasons after each step: a throttled or shared GPU shows here
 clocks() { nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active,utilization.gpu --format=csv,noheader >> "$OUT/gpu.log" 2>&1 || true; }
 
-# first, before any compile cache exists on the machine: cold start with the compiled encoder
-step 150 $B --mode load --decoders fast,fast-compiled
 step 200 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
 if [ -n "${QUICK:-}" ]; then
-  step 150 $B --mode engine --batch-sizes 1,16,64,256 --decoders fast,fast-compiled
-  step 150 $B --mode job --images 512 --decoders fast,fast-compiled --staging host,pinned
+  step 150 $B --mode engine --batch-sizes 1,16,64,256 --decoders fast-base,fast
+  step 150 $B --mode job --images 512 --staging host,pinned
   step 90 $B --mode concurrent --images 64
   step 90 python3 scripts/gpu_profile.py
   echo "=== done" | tee -a "$OUT/steps.log"
   exit 0
 fi
-step 240 $B --mode engine --batch-sizes 1,4,16,64,128,256 --decoders fast,fast-compiled,fast-base,hf --compare-naive --naive-images 16
-step 150 $B --mode job --images 512 --decoders fast,fast-compiled --staging host,pinned
+step 240 $B --mode engine --batch-sizes 1,4,16,64,128,256 --decoders fast,fast-base,hf --compare-naive --naive-images 16
+step 150 $B --mode job --images 512 --staging host,pinned
 step 90 $B --mode concurrent --images 64
 step 120 $B --mode engine --num-beams 1 --batch-sizes 1,64,256 --decoders fast,hf
 step 90 env BLIP_CUDA_GRAPHS=0 $B --mode engine --batch-sizes 1,4,16 --decoders fast
 step 90 $B --mode engine --dtype bfloat16 --batch-sizes 1,64,256 --decoders fast
+step 60 $B --mode load
 echo "=== done" | tee -a "$OUT/steps.log"

@@ -1,18 +1,16 @@
 """Where does one image's time go? (GPU) Times the stages of the fast decoder at batch 1, 16
-and 64, beams 3, 12 forced tokens, on random-full (the image encoder eager and compiled), and
+and 64, beams 3, 12 forced tokens, on random-full, and
 prints the top CUDA and CPU ops of one batch-1 generate and the top CUDA ops of the eager image
 encoder at batch 64.  python scripts/gpu_profile.py"""
 import sys, time, json
 sys.path.insert(0, "src")
 import torch
-import modeling, preprocess, fastgen, vit
+import modeling, preprocess, fastgen
 from params import GenerationParams as G
 dev = torch.device("cuda")
 m = modeling.load_model("random-full", dev, torch.float16)
 gen = fastgen.FastGenerator(m.model, m.eos_token_id, m.pad_token_id, cuda_graphs=True, graph_memory_bytes=2**32)
 tok = m.tokenizer
-compiled = vit.VisionEncoder(m.model.vision_model, compile=True)
-print(json.dumps({"vision_compile_s": round(compiled.warm(dev, torch.float16, 364), 1)}), flush=True)
 def inputs(b):
     px = preprocess.normalize(torch.randint(0, 255, (b, 3, 364, 364), dtype=torch.uint8, device=dev), torch.float16)
     ids = torch.tensor([[m.image_token_id] * 32 + tok("a photo of").input_ids] * b, device=dev)
@@ -29,7 +27,6 @@ with torch.inference_mode():
         ws = gen._workspace(b, 3, ids.shape[1], 12, m.model.language_model.lm_head.weight)
         r = {"batch": b,
              "vision_ms": timed(lambda: m.model.vision_model(px)),
-             "vision_compiled_ms": timed(lambda: compiled(px)),
              "embeds_ms": timed(lambda: gen._prompt_embeds(px, ids)),
              # image encoding + prefill as generate runs it (a CUDA graph up to 16 images)
              "encode_ms": timed(lambda: gen._encode(px, ids, mask, ws)),

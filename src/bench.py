@@ -11,8 +11,7 @@
 Modes:
 - ``engine``: one ``generate`` call per batch size on preprocessed images; images/s and batch
   latency p50/p95, per decoder (``--decoders fast,fast-base,hf``: ``fast-base`` is the fast
-  decoder without step overlap, encoder graphs and fused q/k/v; ``fast-compiled`` compiles the
-  image encoder, ``BLIP_COMPILE_VISION``); ``--compare-naive`` adds the seed
+  decoder without step overlap, encoder graphs and fused q/k/v); ``--compare-naive`` adds the seed
   worker's loop (decode, preprocess and caption one image at a time, transformers' generate)
   and prints the ratio.
 - ``job``: one job of ``--images`` decoded images through the GPU batcher (what a zip job does
@@ -149,11 +148,9 @@ VARIANTS = {
     # the fast decoder as of H100 run 2: a host round trip per step, image encoding and
     # prefill launched eagerly, separate q/k/v projections (same tokens)
     "fast-base": {"BLIP_DECODER": "fast"},
-    # the fast decoder with the image encoder's layer compiled (BLIP_COMPILE_VISION)
-    "fast-compiled": {"BLIP_DECODER": "fast", "BLIP_COMPILE_VISION": "1"},
     "hf": {"BLIP_DECODER": "hf"},
 }
-COMPARE = (("fast", "hf"), ("fast", "fast-base"), ("fast-compiled", "fast"))
+COMPARE = (("fast", "hf"), ("fast", "fast-base"))
 
 
 def make_variant(args, name: str, **env) -> engine_mod.BaseEngine:
@@ -284,11 +281,13 @@ def mode_concurrent(args, report: Report) -> None:
     try:
         b.submit(pixels[0], DEFAULT_PROMPT, params).result()  # warm-up
         latencies: list[float] = []
+        arrivals: list[float] = []
 
         def one_job(px, job=None):
             job = job or b.producer()  # registered as the worker registers a running job
             t = time.perf_counter()
             future = b.submit(px, DEFAULT_PROMPT, params)
+            arrivals.append(time.perf_counter())
             job.release()  # its only image is queued: nothing more will come from it
             future.result()
             latencies.append(time.perf_counter() - t)
@@ -308,12 +307,15 @@ def mode_concurrent(args, report: Report) -> None:
         # split the jobs into batch sizes not met before. All are reported.
         for round_ in (1, 2, 3):
             latencies.clear()
+            arrivals.clear()
             first_batch = len(b.batch_sizes)
             gate = threading.Barrier(len(pixels))
             with ThreadPoolExecutor(len(pixels)) as pool:
                 t0 = time.perf_counter()
                 list(pool.map(gated, pixels))
                 together = time.perf_counter() - t0
+            times = sorted(arrivals)  # when the jobs' images reached the GPU queue
+            gaps = [y - x for x, y in zip(times, times[1:])] or [0.0]
             report.emit(mode="concurrent", round=round_, jobs=args.images,
                         num_beams=args.num_beams, new_tokens=args.new_tokens,
                         decoder=eng.cfg.decoder, images_per_s=round(args.images / together, 2),
@@ -322,6 +324,8 @@ def mode_concurrent(args, report: Report) -> None:
                         one_image_p50_ms=round(1000 * statistics.median(seq_lat), 1),
                         one_image_p95_ms=round(1000 * pct(seq_lat, 0.95), 1),
                         concurrent_p50_ms=round(1000 * statistics.median(latencies), 1),
+                        arrival_spread_ms=round(1000 * (times[-1] - times[0]), 1),
+                        arrival_max_gap_ms=round(1000 * max(gaps), 1),
                         batch_sizes=b.batch_sizes[first_batch:])  # this round's, in order
     finally:
         b.stop()
@@ -437,14 +441,12 @@ def mode_load(args, report: Report) -> None:
     imports = time.perf_counter() - t0
     for decoder in args.decoders:
         eng = make_variant(args, decoder)
-        vision = getattr(getattr(eng, "fast", None), "vision", None)
         report.emit(mode="load", import_s=round(imports, 2), load_s=round(eng.load_s, 2),
                     warmup_s=round(eng.warmup_s, 3), decoder=decoder,
-                    compile_s=round(vision.compile_s, 2) if vision is not None else None,
                     max_batch_size=eng.max_batch_size)
         imports = 0.0  # imported once
         eng.free_memory()
-        del eng, vision
+        del eng
         release()
 
 

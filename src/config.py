@@ -65,9 +65,6 @@ SETTINGS: tuple[Setting, ...] = (
             "With the fast decoder on CUDA, capture each batch shape's decoding step as a CUDA "
             "graph and replay it, while its buffers fit in 15% of GPU memory (cuts per-token "
             "CPU overhead)."),
-    Setting("compile_vision", "BLIP_COMPILE_VISION", "bool", False,
-            "With the fast decoder, torch.compile the image encoder's layer (fuses its norms, "
-            "GELU and residual adds; compiled at start, which adds to the cold start)."),
     Setting("warmup", "BLIP_WARMUP", "bool", True,
             "Run one tiny caption after loading so the first job is not slow."),
     Setting("batch_wait_ms", "BLIP_BATCH_WAIT_MS", "float", 5.0,
@@ -179,7 +176,6 @@ class Config:
     inject_cuda_error_prompt: str
     decoder: str
     cuda_graphs: bool
-    compile_vision: bool
     warmup: bool
     batch_wait_ms: float
     max_concurrent_jobs: int

@@ -221,15 +221,11 @@ class BaseEngine:
 
     def warmup(self) -> float:
         t0 = time.perf_counter()
-        self._compile()
         img = Image.new("RGB", (self.image_size, self.image_size), (127, 127, 127))
         self.generate_batch(self.preprocess(img).unsqueeze(0), [DEFAULT_PROMPT],
                             GenerationParams(num_beams=1, max_length=2, min_length=0))
         self.warmup_s = time.perf_counter() - t0
         return self.warmup_s
-
-    def _compile(self) -> None:
-        """Engines with compiled parts compile them here, before the warm-up caption."""
 
     def free_memory(self, drop_caches: bool = False) -> None:
         """Return cached GPU blocks to the driver. ``drop_caches`` (after an out-of-memory
@@ -298,8 +294,7 @@ class TransformersEngine(BaseEngine):
                 self.fast = fastgen.FastGenerator(self.model, loaded.eos_token_id,
                                                   loaded.pad_token_id, cuda_graphs=graphs,
                                                   graph_memory_bytes=budget,
-                                                  overlap=device.type == "cuda",
-                                                  compile_vision=cfg.compile_vision)
+                                                  overlap=device.type == "cuda")
             else:
                 log.warning("BLIP_DECODER=fast does not support this language model; "
                             "using transformers' generate")
@@ -320,10 +315,6 @@ class TransformersEngine(BaseEngine):
         log.info("loaded %s on %s in %s in %.1fs", loaded.model_id, device,
                  str(dtype).replace("torch.", ""), loaded.load_s)
         return cls(cfg, device, dtype, loaded)
-
-    def _compile(self) -> None:
-        if self.fast is not None and self.fast.vision is not None:
-            self.fast.vision.warm(self.device, self.dtype, self.image_size)
 
     def drop_caches(self) -> None:
         if self.fast is not None:

@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 
 from params import GenerationParams
-import vit
 
 NEG = -1.0e9  # transformers' "impossible" score
 SAMPLING_TOP_K = 50  # transformers' default top_k, which LAVIS's sampling inherits too
@@ -125,8 +124,7 @@ class _Flag:
 class FastGenerator:
     def __init__(self, model, eos_token_id: int, pad_token_id: int, cuda_graphs: bool = False,
                  bucket: bool | None = None, graph_memory_bytes: int = 0,
-                 overlap: bool = True, encode_graphs: bool = True, fuse_qkv: bool = True,
-                 compile_vision: bool = False):
+                 overlap: bool = True, encode_graphs: bool = True, fuse_qkv: bool = True):
         if not supports(model):
             raise ValueError("FastGenerator needs a BLIP-2 model with an OPT decoder")
         self.model = model
@@ -149,10 +147,6 @@ class FastGenerator:
         self.encode_failures = 0
         self._qkv = [self._fused_qkv(layer.self_attn) if fuse_qkv else None
                      for layer in self.decoder.layers]
-        # the image encoder as one layer function (same output as transformers' eagerly;
-        # compile_vision: torch.compile'd once for all its layers), else transformers' own
-        self.vision = (vit.VisionEncoder(model.vision_model, compile=compile_vision)
-                       if vit.supports(model.vision_model) else None)
         # Bucketing (padding batches and prompts to fixed shapes) is what lets graphs be reused;
         # it can be switched on without graphs to test that padding changes nothing.
         self.bucket = cuda_graphs if bucket is None else bucket
@@ -203,8 +197,7 @@ class FastGenerator:
     # --- the model, step by step ----------------------------------------------------------
     def _prompt_embeds(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         m = self.model
-        image = (self.vision(pixel_values) if self.vision is not None
-                 else m.vision_model(pixel_values, return_dict=True).last_hidden_state)
+        image = m.vision_model(pixel_values, return_dict=True).last_hidden_state
         queries = m.query_tokens.expand(image.shape[0], -1, -1)
         # transformers keeps the Q-Former in fp32; LAVIS runs it under fp16 autocast. On CUDA
         # in half precision, so do we: its matmuls in half precision, norms in fp32.

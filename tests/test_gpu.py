@@ -88,34 +88,3 @@ def test_images_are_staged_in_pinned_memory_and_stacked_on_the_gpu():
     eng.device_collate = False  # the host path: stack, pin and copy the batch
     assert [r.captions for r in eng.caption(imgs, p)] == staged
 
-
-def test_compiled_vision_encoder_on_the_full_architecture_in_fp16():
-    """BLIP_COMPILE_VISION: the compiled layer matches eager to fp16 rounding on the real
-    architecture, at batch 1 and at the shared batch > 1 graph, and it runs inside the
-    encoder's CUDA graph capture."""
-    if not torch.cuda.is_available():
-        pytest.fail("needs CUDA")
-    loaded = modeling.load_model("random-full", torch.device("cuda"), torch.float16)
-    compiled = fastgen.FastGenerator(loaded.model, loaded.eos_token_id, loaded.pad_token_id,
-                                     cuda_graphs=True, graph_memory_bytes=2 ** 32,
-                                     compile_vision=True)
-    eager = fastgen.FastGenerator(loaded.model, loaded.eos_token_id, loaded.pad_token_id)
-    assert compiled.vision.compiled and compiled.vision.warm(
-        torch.device("cuda"), torch.float16, 364) > 0
-    imgs = distinct_images(5)
-    px = torch.stack([preprocess.to_uint8(im) for im in imgs]).cuda()
-    px = preprocess.normalize(px, torch.float16)
-    with torch.inference_mode():
-        for n in (1, 3, 5):
-            want, got = eager.vision(px[:n]).float(), compiled.vision(px[:n]).float()
-            assert torch.isfinite(got).all()
-            assert (got - want).norm() / want.norm() < 1e-2, n
-        tok = loaded.tokenizer
-        ids = torch.tensor([[loaded.image_token_id] * 32 + tok("a photo of").input_ids] * 3,
-                           device="cuda")
-        rows = compiled.generate(px[:3], ids, torch.ones_like(ids),
-                                 G(num_beams=3, max_length=8, min_length=8))
-    assert len(rows) == 3 and all(len(r) == 8 for r in rows)
-    assert compiled.encode_replays > 0 and compiled.encode_failures == 0
-    del loaded, eager, compiled
-    torch.cuda.empty_cache()
