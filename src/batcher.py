@@ -2,9 +2,12 @@
 
 Jobs submit one preprocessed image at a time (``submit`` returns a ``Future``). The GPU thread
 takes the oldest waiting image, fills a batch with waiting images whose ``GenerationParams``
-are equal (prompts may differ: rows are left-padded), waits up to ``BLIP_BATCH_WAIT_MS`` for
-more when the batch is not full and a running job may still send some (``producer``), runs it through ``engine.generate_with_fallback`` and resolves
-each image's future. So 64 one-image jobs arriving together ride in one or a few GPU batches
+are equal (prompts may differ: rows are left-padded), and runs it through
+``engine.generate_with_fallback``, resolving each image's future. When the batch is not full
+and a running job may still send images (``producer``), it first waits for more: as long as
+they keep arriving less than ``BLIP_BATCH_WAIT_MS`` apart, and at most ``WAIT_CAP`` times that
+after its first image (a burst of jobs whose arrivals spread over more than the wait still
+rides in one batch; a lone image never waits). So 64 one-image jobs arriving together ride in one or a few GPU batches
 instead of 64, and a 1000-image job keeps the GPU busy while its downloads continue.
 
 Rules:
@@ -32,6 +35,9 @@ from params import GenerationParams
 
 log = logging.getLogger("blip.batcher")
 _NO_CAP = 1 << 30
+# A batch that is not full waits for the next image for up to BLIP_BATCH_WAIT_MS, again after
+# each arrival, but at most this many times BLIP_BATCH_WAIT_MS after its first image.
+WAIT_CAP = 4
 
 
 @dataclass(eq=False)  # identity, not field equality (fields hold tensors)
@@ -124,10 +130,12 @@ class Batcher:
                 return None
             head = self._queue[0]
             limit = min(self._limit_for(head.params), head.cap)
-            deadline = head.submitted + self.wait_s
+            latest = head.submitted + self.wait_s * WAIT_CAP
             while True:
                 batch = self._select(head.params, limit)
-                remaining = deadline - time.monotonic()
+                # wait while images keep arriving less than wait_s apart, within the cap
+                last = max(it.submitted for it in batch)
+                remaining = min(last + self.wait_s, latest) - time.monotonic()
                 if (len(batch) >= limit or remaining <= 0 or self._stop
                         or self._producers == 0):
                     break

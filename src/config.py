@@ -68,8 +68,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("warmup", "BLIP_WARMUP", "bool", True,
             "Run one tiny caption after loading so the first job is not slow."),
     Setting("batch_wait_ms", "BLIP_BATCH_WAIT_MS", "float", 5.0,
-            "How long the GPU loop waits for more images to fill a batch across jobs "
-            "(only while a running job may still send some: a lone image starts at once).",
+            "How long the GPU loop waits for the next image to fill a batch across jobs: "
+            "again after each arrival, at most 4 times this in all, and only while a running "
+            "job may still send images (a lone image starts at once).",
             lo=0, hi=1000),
     Setting("max_concurrent_jobs", "MAX_CONCURRENT_JOBS", "int", 16,
             "Jobs a worker runs at once (RunPod concurrency); their images share GPU batches.",

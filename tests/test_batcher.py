@@ -206,3 +206,42 @@ def test_an_open_job_holds_a_batch_for_its_next_images(eng):
             job.hold()
     finally:
         b.stop()
+
+
+def test_a_burst_spread_over_more_than_the_wait_still_rides_in_one_batch(eng):
+    """Arrivals less than BLIP_BATCH_WAIT_MS apart keep the batch waiting (up to 4x the wait
+    after its first image), so jobs arriving over longer than the wait are not split."""
+    b = Batcher(eng, wait_ms=300).start()
+    try:
+        pixels = [eng.preprocess(i) for i in distinct_images(6)]
+        job = b.producer()
+        futures = []
+        for px in pixels:  # 6 images over ~500 ms: more than the 300 ms wait after the first
+            futures.append(b.submit(px, "a photo of", GREEDY))
+            time.sleep(0.1)
+        job.release()
+        assert all(f.result(timeout=60).error is None for f in futures)
+        assert b.batch_sizes == [6]
+    finally:
+        b.stop()
+
+
+def test_a_steady_trickle_is_cut_at_four_times_the_wait(eng):
+    b = Batcher(eng, wait_ms=200).start()
+    try:
+        pixels = [eng.preprocess(i) for i in distinct_images(4)] * 5
+        job = b.producer()
+        futures = []
+        t0 = time.monotonic()
+        for px in pixels:  # one image every 100 ms for 2 s: the batch never stops filling
+            futures.append(b.submit(px, "a photo of", GREEDY))
+            time.sleep(0.1)
+        job.release()
+        assert all(f.result(timeout=60).error is None for f in futures)
+        assert time.monotonic() - t0 < 10
+        # the first batch started ~800 ms after its first image: about 8 images, not 20 (no
+        # cap) and not 2-3 (the wait measured from the first image alone)
+        assert 5 <= b.batch_sizes[0] <= 12, b.batch_sizes
+        assert sum(b.batch_sizes) == 20
+    finally:
+        b.stop()
