@@ -29,11 +29,13 @@ else falls back to transformers' generate (``supports(model)``).
 """
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from params import GenerationParams
 
@@ -46,6 +48,19 @@ GRAPH_PROMPT_MULTIPLE = 8  # prompt lengths are left-padded to a multiple of thi
 # Image encoding + prompt prefill is graphed too for batches up to this many images: there the
 # GPU work is small and launching ~1,500 kernels one by one is what costs the time.
 ENCODE_GRAPH_MAX_IMAGES = 16
+# cuDNN's attention (PyTorch's first choice on an H100) builds a plan for every new batch size:
+# ~70-85 ms per call site the first time (H100 run 10), so a batch of a size not met before
+# paid ~370 ms more across the image encoder, the Q-Former and the prefill. Only the image
+# encoder keeps it, where it is ~5% faster than flash attention at large batches; the Q-Former
+# and the prefill, whose attention is a small share of their time, use the other kernels.
+# "all" leaves PyTorch's choice everywhere (benchmarks compare the two).
+CUDNN_ATTENTION = "vision"
+_NO_CUDNN = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
+def _attention_without_cudnn():
+    return (contextlib.nullcontext() if CUDNN_ATTENTION == "all"
+            else sdpa_kernel(list(_NO_CUDNN)))
 
 
 def supports(model) -> bool:
@@ -202,7 +217,8 @@ class FastGenerator:
         # transformers keeps the Q-Former in fp32; LAVIS runs it under fp16 autocast. On CUDA
         # in half precision, so do we: its matmuls in half precision, norms in fp32.
         half = image.is_cuda and image.dtype in (torch.float16, torch.bfloat16)
-        with torch.autocast("cuda", dtype=image.dtype, enabled=half, cache_enabled=False):
+        with torch.autocast("cuda", dtype=image.dtype, enabled=half,
+                            cache_enabled=False), _attention_without_cudnn():
             q = m.qformer(query_embeds=queries, encoder_hidden_states=image,
                           encoder_attention_mask=torch.ones(image.shape[:-1], dtype=torch.long,
                                                             device=image.device),
@@ -250,7 +266,8 @@ class FastGenerator:
             a = layer.self_attn
             x = layer.self_attn_layer_norm(h)
             q, k, v = (self._split(y) for y in self._project(i, a, x))
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)
+            with _attention_without_cudnn():
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)
             h = h + a.out_proj(o.transpose(1, 2).reshape(b, length, -1))
             h = self._mlp(layer, h)
             ws.prefix[i, :b] = k
