@@ -100,8 +100,8 @@ class Batcher:
 
     def producer(self) -> "Producer":
         """Register a job that will submit images: while any registered job may still submit,
-        a batch that is not full waits up to ``BLIP_BATCH_WAIT_MS`` for more; when none may,
-        it starts at once (a lone image never waits for company that cannot come)."""
+        a batch that is not full waits for more (``_take_batch``); when none may, it starts at
+        once (a lone image never waits for company that cannot come)."""
         with self._cv:
             self._producers += 1
         return Producer(self)
@@ -132,11 +132,11 @@ class Batcher:
             limit = min(self._limit_for(head.params), head.cap)
             latest = head.submitted + self.wait_s * WAIT_CAP
             while True:
-                batch = self._select(head.params, limit)
+                batch, cap = self._select(head.params, limit)
                 # wait while images keep arriving less than wait_s apart, within the cap
                 last = max(it.submitted for it in batch)
                 remaining = min(last + self.wait_s, latest) - time.monotonic()
-                if (len(batch) >= limit or remaining <= 0 or self._stop
+                if (len(batch) >= cap or remaining <= 0 or self._stop
                         or self._producers == 0):
                     break
                 self._cv.wait(timeout=remaining)
@@ -144,7 +144,9 @@ class Batcher:
                 self._queue.remove(item)
             return batch
 
-    def _select(self, params: GenerationParams, limit: int) -> list[_Item]:
+    def _select(self, params: GenerationParams, limit: int) -> tuple[list[_Item], int]:
+        """The oldest items with these params that fit together, and the batch size they allow
+        (the smallest ``batch_size`` among them caps it)."""
         batch: list[_Item] = []
         cap = limit
         for item in self._queue:
@@ -157,7 +159,7 @@ class Batcher:
             cap = new_cap
             if len(batch) >= cap:
                 break
-        return batch
+        return batch, cap
 
     def _loop(self) -> None:
         while True:

@@ -227,7 +227,7 @@ def test_a_burst_spread_over_more_than_the_wait_still_rides_in_one_batch(eng):
 
 
 def test_a_steady_trickle_is_cut_at_four_times_the_wait(eng):
-    b = Batcher(eng, wait_ms=200).start()
+    b = Batcher(eng, wait_ms=250).start()
     try:
         pixels = [eng.preprocess(i) for i in distinct_images(4)] * 5
         job = b.producer()
@@ -239,9 +239,24 @@ def test_a_steady_trickle_is_cut_at_four_times_the_wait(eng):
         job.release()
         assert all(f.result(timeout=60).error is None for f in futures)
         assert time.monotonic() - t0 < 10
-        # the first batch started ~800 ms after its first image: about 8 images, not 20 (no
-        # cap) and not 2-3 (the wait measured from the first image alone)
-        assert 5 <= b.batch_sizes[0] <= 12, b.batch_sizes
+        # the first batch started ~1 s after its first image: about 10-11 images, not 16 (the
+        # largest batch: no cap) and not 3 (the wait measured from the first image alone)
+        assert 7 <= b.batch_sizes[0] <= 14, b.batch_sizes
         assert sum(b.batch_sizes) == 20
+    finally:
+        b.stop()
+
+
+def test_a_batch_filled_to_a_jobs_batch_size_starts_without_waiting(eng):
+    b = Batcher(eng, wait_ms=600_000).start()
+    try:
+        pixels = [eng.preprocess(i) for i in distinct_images(2)]
+        job = b.producer()  # open: the (10 minute) wait would apply to a batch not yet full
+        first = b.submit(pixels[0], "a photo of", GREEDY)
+        second = b.submit(pixels[1], "a photo of", GREEDY, batch_size=2)
+        # the second image's batch_size caps the batch at 2, so it is full: it starts now
+        assert first.result(timeout=60).error is None and second.result(timeout=60).error is None
+        assert b.batch_sizes == [2]
+        job.release()
     finally:
         b.stop()
