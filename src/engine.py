@@ -119,6 +119,7 @@ class BaseEngine:
     name = "base"
     model_id = ""
     image_size = preprocess.IMAGE_SIZE
+    device_collate = False  # collate copies images to the device itself (see TransformersEngine)
 
     def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype):
         self.cfg = cfg
@@ -277,9 +278,9 @@ class TransformersEngine(BaseEngine):
         self.image_size = loaded.image_size
         self.load_s = loaded.load_s
         self._pin = device.type == "cuda"
-        # preprocess writes each image into pinned memory and collate copies them to the GPU
-        # one by one, asynchronously, and stacks them there: the GPU thread no longer stacks
-        # and pins a whole batch on the host (~100 MB at 256 images) while the GPU waits
+        # preprocess writes each image into pinned memory and collate copies them one by one,
+        # asynchronously, into a batch tensor on the GPU: the GPU thread no longer stacks and
+        # pins a whole batch on the host (~100 MB at 256 images) while the GPU waits
         self.device_collate = self._pin
         self.fast = None
         if cfg.decoder == "fast":
@@ -366,7 +367,11 @@ class TransformersEngine(BaseEngine):
     def collate(self, pixels: Sequence[torch.Tensor]) -> torch.Tensor:
         if not self.device_collate:
             return torch.stack(list(pixels))
-        return torch.stack([p.to(self.device, non_blocking=True) for p in pixels])
+        out = torch.empty((len(pixels), *pixels[0].shape), dtype=pixels[0].dtype,
+                          device=self.device)
+        for row, p in zip(out, pixels):
+            row.copy_(p, non_blocking=True)
+        return out
 
     def _tokenize_prompt(self, prompt: str) -> tuple[int, ...]:
         # split_special_tokens: a prompt saying "<image>" or "</s>" is plain text, never a

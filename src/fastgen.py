@@ -262,16 +262,16 @@ class FastGenerator:
         allowed = causal[None] & mask[:, None, :]
         allowed |= torch.eye(length, dtype=torch.bool, device=h.device)[None]
         attn_mask = allowed[:, None]  # (B, 1, L, L)
-        for i, layer in enumerate(self.decoder.layers):
-            a = layer.self_attn
-            x = layer.self_attn_layer_norm(h)
-            q, k, v = (self._split(y) for y in self._project(i, a, x))
-            with _attention_without_cudnn():
+        with _attention_without_cudnn():
+            for i, layer in enumerate(self.decoder.layers):
+                a = layer.self_attn
+                x = layer.self_attn_layer_norm(h)
+                q, k, v = (self._split(y) for y in self._project(i, a, x))
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)
-            h = h + a.out_proj(o.transpose(1, 2).reshape(b, length, -1))
-            h = self._mlp(layer, h)
-            ws.prefix[i, :b] = k
-            ws.prefix[layers + i, :b] = v
+                h = h + a.out_proj(o.transpose(1, 2).reshape(b, length, -1))
+                h = self._mlp(layer, h)
+                ws.prefix[i, :b] = k
+                ws.prefix[layers + i, :b] = v
         ws.prefix_bias[:b] = 0
         ws.prefix_bias[:b].masked_fill_(~mask[:, None, None, :], float("-inf"))
         ws.prefix_bias[b:] = 0  # padding images: finite, never read back
