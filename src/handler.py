@@ -70,7 +70,8 @@ def setup(cfg: Config):
     import jobs
     eng = engine.load_engine(cfg)
     _max_jobs = cfg.max_concurrent_jobs
-    _executor = ThreadPoolExecutor(_max_jobs, thread_name_prefix="job")
+    _executor = jobs.start_threads(ThreadPoolExecutor(_max_jobs, thread_name_prefix="job"),
+                                   _max_jobs)
     _worker = jobs.Worker(cfg, eng)
     log.info("ready: model %s, engine %s, device %s, up to %d concurrent jobs",
              eng.model_id, eng.name, eng.device, _max_jobs)

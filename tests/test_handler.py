@@ -22,6 +22,14 @@ def worker(tmp_path_factory):
     handler._worker = None
 
 
+def test_job_and_decode_threads_are_started_at_setup_not_on_the_first_burst(worker):
+    w, _ = worker
+    # (ThreadPoolExecutor keeps its started threads in ``_threads``)
+    assert len(handler._executor._threads) == handler._max_jobs == w.cfg.max_concurrent_jobs
+    assert len(w.decode_pool._threads) == w.cfg.decode_threads
+    assert all(t.is_alive() for t in handler._executor._threads | w.decode_pool._threads)
+
+
 def test_handler_answers_a_job(worker):
     job = {"id": "h-1", "input": {"data_url": testlib.data_uri(testlib.jpeg(seed=1),
                                                                 "image/jpeg"), **FAST}}
