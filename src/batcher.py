@@ -7,8 +7,9 @@ are equal (prompts may differ: rows are left-padded), and runs it through
 and a running job may still send images (``producer``), it first waits for more: as long as
 they keep arriving less than ``BLIP_BATCH_WAIT_MS`` apart, and at most ``WAIT_CAP`` times that
 after its first image (a burst of jobs whose arrivals spread over more than the wait still
-rides in one batch; a lone image never waits). So 64 one-image jobs arriving together ride in one or a few GPU batches
-instead of 64, and a 1000-image job keeps the GPU busy while its downloads continue.
+rides in one batch; a lone image never waits). So 64 one-image jobs arriving together ride in
+one or a few GPU batches instead of 64, and a 1000-image job keeps the GPU busy while its
+downloads continue.
 
 Rules:
 - A job's own ``batch_size`` caps every batch its images ride in.

@@ -366,7 +366,7 @@ class TransformersEngine(BaseEngine):
 
     def collate(self, pixels: Sequence[torch.Tensor]) -> torch.Tensor:
         if not self.device_collate:
-            return torch.stack(list(pixels))
+            return super().collate(pixels)
         out = torch.empty((len(pixels), *pixels[0].shape), dtype=pixels[0].dtype,
                           device=self.device)
         for row, p in zip(out, pixels):
