@@ -10,7 +10,8 @@ Fetching:
 - Sources are http(s) URLs or base64 data: URIs; anything else is refused naming the field.
 - Downloads go through runpod's ``rp_ssrf.safe_get`` (non-public addresses refused, every
   redirect hop re-checked; ``RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS=true`` opens private addresses).
-  They run concurrently (DOWNLOAD_CONCURRENCY per job), with connect/read timeouts and a total
+  They run concurrently (DOWNLOAD_CONCURRENCY per job, at most AHEAD_PER_DOWNLOAD sources per
+  download thread ahead of the images the job has taken), with connect/read timeouts and a total
   deadline per file, retries included (DOWNLOAD_DEADLINE_S). A slow drip never trips a read
   timeout, so a watchdog timer shuts the sockets down at the deadline, which ends a blocked read:
   it covers the whole attempt, connection, headers (a server can drip those too), every redirect
@@ -67,7 +68,7 @@ import time
 import warnings
 import zipfile
 import zlib
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
@@ -613,6 +614,10 @@ def _member_kind(zf: zipfile.ZipFile, info: zipfile.ZipInfo, cfg: Config) -> str
 
 # --- the job's inputs ------------------------------------------------------------------------
 
+# A job fetches at most this many sources per download thread ahead of the images it has taken.
+AHEAD_PER_DOWNLOAD = 2
+
+
 class JobInputs:
     """One job's sources, fetched concurrently into a private temporary directory.
 
@@ -642,6 +647,7 @@ class JobInputs:
         self.dir = tempfile.mkdtemp(prefix="job-", dir=parent)
         workers = max(1, min(self._cfg.download_concurrency, len(self._sources)))
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="download")
+        self._ahead = AHEAD_PER_DOWNLOAD * workers
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -668,12 +674,27 @@ class JobInputs:
     def __iter__(self) -> Iterator[ImageSource | ImageFailure]:
         if self._pool is None or self._closed:
             raise RuntimeError("iterate inside `with JobInputs(...) as inputs:`")
-        futures = {self._pool.submit(self._fetch, i, src): i
-                   for i, src in enumerate(self._sources)}
-        for future in as_completed(futures):
-            if self._closed or self._downloads.cancelled.is_set():
-                return
-            yield from self._items(futures[future], future)
+        # Sources are fetched at most ``_ahead`` ahead of the loop that takes them (the job's
+        # loop blocks while the GPU has enough images queued), so a 1000-file job does not
+        # download everything to disk while its first images are still being captioned.
+        todo = iter(enumerate(self._sources))
+        pending: dict[Future, int] = {}
+
+        def top_up() -> None:
+            while len(pending) < self._ahead:
+                nxt = next(todo, None)
+                if nxt is None:
+                    return
+                pending[self._pool.submit(self._fetch, *nxt)] = nxt[0]
+
+        top_up()
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in sorted(done, key=pending.__getitem__):  # ready ones in input order
+                if self._closed or self._downloads.cancelled.is_set():
+                    return
+                yield from self._items(pending.pop(future), future)
+                top_up()
 
     # -- naming --
 

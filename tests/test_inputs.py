@@ -388,6 +388,20 @@ def test_downloads_run_concurrently(http_server):
     assert len(results) == 6 and time.monotonic() - start < 1.4
 
 
+def test_downloads_stay_a_bounded_window_ahead_of_the_images_taken(http_server):
+    urls = [serve(http_server, f"/w{i}.jpg", T.jpeg(i)) for i in range(30)]
+    cfg = CFG.replace(download_concurrency=2)  # a window of 2 x 2 sources
+    with JobInputs(urls, False, cfg) as job:
+        items = iter(job)
+        taken = [next(items)]
+        time.sleep(0.5)  # a slow consumer (the GPU is busy): downloads must not run on
+        fetched = sum(http_server.hits(f"/w{i}.jpg") for i in range(30))
+        assert fetched <= 1 + 2 * 2, fetched  # the one taken + the window (2 per thread)
+        taken += list(items)
+    assert sorted(item.image_path for item in taken) == sorted(urls)
+    assert sum(http_server.hits(f"/w{i}.jpg") for i in range(30)) == 30
+
+
 # --- HTTP behaviour --------------------------------------------------------------------------
 
 def test_404_is_per_image_in_data_urls_and_fatal_for_data_url(http_server):
