@@ -94,7 +94,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Largest image in pixels (decompression-bomb guard; 120 MP lets 108 MP photos pass).",
             lo=1),
     Setting("download_concurrency", "DOWNLOAD_CONCURRENCY", "int", 16,
-            "Parallel downloads per job.", lo=1, hi=256),
+            "Parallel downloads per job (each job fetches at most twice this many sources "
+            "ahead of the images it has handed to decoding).", lo=1, hi=256),
     Setting("connect_timeout_s", "DOWNLOAD_CONNECT_TIMEOUT_S", "float", 10.0,
             "Seconds to establish a connection.", lo=0.01, hi=600),
     Setting("read_timeout_s", "DOWNLOAD_READ_TIMEOUT_S", "float", 30.0,
