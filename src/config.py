@@ -72,9 +72,11 @@ SETTINGS: tuple[Setting, ...] = (
             "again after each arrival, at most 4 times this in all, and only while a running "
             "job may still send images (a lone image starts at once).",
             lo=0, hi=1000),
-    Setting("max_concurrent_jobs", "MAX_CONCURRENT_JOBS", "int", 16,
-            "Jobs a worker runs at once (RunPod concurrency); their images share GPU batches.",
-            lo=1, hi=256),
+    Setting("max_concurrent_jobs", "MAX_CONCURRENT_JOBS", "int", 0,
+            "Jobs a worker runs at once (RunPod concurrency); their images share GPU batches. "
+            "0 = as many as one batch of the largest size holds (the auto or set "
+            "`BLIP_MAX_BATCH_SIZE`), at least 16 and at most 64.",
+            lo=0, hi=256),
     Setting("decode_workers", "DECODE_WORKERS", "int", 0,
             "Threads decoding and preprocessing images; 0 = number of CPU cores (max 16).",
             lo=0, hi=128),

@@ -7,7 +7,7 @@
 
 ``main()`` validates the configuration and loads the model before any job is taken: a bad
 setting or missing weights print one clear message and exit non-zero. The handler is async and
-hands each job to a thread, so RunPod (``concurrency_modifier`` = ``MAX_CONCURRENT_JOBS``) can
+hands each job to a thread, so RunPod (``concurrency_modifier``: ``jobs.concurrent_jobs``) can
 run several jobs at once and their images share GPU batches. Nothing loads at import.
 """
 from __future__ import annotations
@@ -69,12 +69,15 @@ def setup(cfg: Config):
     import engine
     import jobs
     eng = engine.load_engine(cfg)
-    _max_jobs = cfg.max_concurrent_jobs
+    _max_jobs = jobs.concurrent_jobs(cfg.max_concurrent_jobs, eng.max_batch_size)
     _executor = jobs.start_threads(ThreadPoolExecutor(_max_jobs, thread_name_prefix="job"),
                                    _max_jobs)
     _worker = jobs.Worker(cfg, eng)
-    log.info("ready: model %s, engine %s, device %s, up to %d concurrent jobs",
-             eng.model_id, eng.name, eng.device, _max_jobs)
+    log.info("ready: model %s, engine %s, device %s, up to %d concurrent jobs (%s)",
+             eng.model_id, eng.name, eng.device, _max_jobs,
+             "MAX_CONCURRENT_JOBS" if cfg.max_concurrent_jobs else
+             f"auto: batch limit {eng.max_batch_size}, kept within "
+             f"{jobs.AUTO_JOBS_MIN}-{jobs.AUTO_JOBS_MAX}")
     return _worker
 
 

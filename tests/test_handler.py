@@ -25,7 +25,7 @@ def worker(tmp_path_factory):
 def test_job_and_decode_threads_are_started_at_setup_not_on_the_first_burst(worker):
     w, _ = worker
     # (ThreadPoolExecutor keeps its started threads in ``_threads``)
-    assert len(handler._executor._threads) == handler._max_jobs == w.cfg.max_concurrent_jobs
+    assert len(handler._executor._threads) == handler._max_jobs == 16  # auto on a CPU
     assert len(w.decode_pool._threads) == w.cfg.decode_threads
     assert all(t.is_alive() for t in handler._executor._threads | w.decode_pool._threads)
 
@@ -66,4 +66,6 @@ def test_handler_without_a_worker_answers_an_error():
 
 
 def test_concurrency_modifier_reports_the_configured_jobs(worker):
-    assert handler.concurrency_modifier(1) == 16  # MAX_CONCURRENT_JOBS' default
+    # MAX_CONCURRENT_JOBS' default (auto): the CPU batch limit 8, raised to the floor of 16
+    assert worker[0].engine.max_batch_size == 8
+    assert handler.concurrency_modifier(1) == 16

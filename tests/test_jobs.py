@@ -273,3 +273,20 @@ def test_a_job_releases_the_gpu_loop_once_its_last_image_is_queued(tmp_path):
         assert len(single["captions"]) == 1 and w.batcher.batch_sizes == [5, 1]
     finally:
         w.close()
+
+
+@pytest.mark.parametrize("setting, batch, expected", [
+    (0, 8, 16),     # CPU default batch: the floor keeps the next jobs downloading
+    (0, 40, 40),    # as many one-image jobs as one batch holds
+    (0, 256, 64),   # H100 auto batch: capped (disk held by concurrent zip jobs)
+    (5, 256, 5),    # MAX_CONCURRENT_JOBS set: used as is
+    (100, 8, 100),
+])
+def test_concurrent_jobs_follow_the_batch_limit_unless_set(setting, batch, expected):
+    assert jobs.concurrent_jobs(setting, batch) == expected
+
+
+def test_auto_concurrency_lets_one_batch_hold_a_burst_of_one_image_jobs():
+    cfg = config.Config.from_env({"BLIP_MODEL": "tiny-random", "BLIP_MAX_BATCH_SIZE": "48"})
+    assert cfg.max_concurrent_jobs == 0  # the default is auto
+    assert jobs.concurrent_jobs(cfg.max_concurrent_jobs, 48) == 48
