@@ -17,7 +17,8 @@ Modes:
 - ``job``: one job of ``--images`` decoded images through the GPU batcher (what a zip job does
   once its images are decoded); per ``--decoders`` variant and ``--staging`` (pinned, host).
 - ``concurrent``: ``--images`` one-image jobs submitted at once from as many threads through
-  the batcher, against the same images one job after another; prints the ratio.
+  the batcher, against the same images one job after another; prints the ratio, and how many
+  jobs a deployed worker with the same settings would run at once (``MAX_CONCURRENT_JOBS``).
 - ``pipeline``: a zip of ``--images`` synthetic JPEGs (``--image-size``) through the whole
   worker (``jobs.Worker.run``: data: URI, unzip, decode, preprocess, caption), against the pure
   decode + preprocess rate of the same images with the same number of threads; also the
@@ -275,6 +276,7 @@ def mode_job(args, report: Report) -> None:
 
 
 def mode_concurrent(args, report: Report) -> None:
+    import jobs
     params = params_of(args)
     eng = make_engine(args)
     pixels = [eng.preprocess(decode(j)) for j in synthetic_jpegs(args.images, args.image_size)]
@@ -327,7 +329,11 @@ def mode_concurrent(args, report: Report) -> None:
                         concurrent_p50_ms=round(1000 * statistics.median(latencies), 1),
                         arrival_spread_ms=round(1000 * (times[-1] - times[0]), 1),
                         arrival_max_gap_ms=round(1000 * max(gaps), 1),
-                        batch_sizes=b.batch_sizes[first_batch:])  # this round's, in order
+                        batch_sizes=b.batch_sizes[first_batch:],  # this round's, in order
+                        # a deployed worker with these settings runs at most this many jobs
+                        # at once (RunPod holds the rest): fewer than --images caps the batches
+                        worker_jobs_at_once=jobs.concurrent_jobs(eng.cfg.max_concurrent_jobs,
+                                                                 eng.max_batch_size))
     finally:
         b.stop()
         # free the model now: a later mode in the same process sizes batches from free memory
