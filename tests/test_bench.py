@@ -55,3 +55,17 @@ def test_api_mode_posts_to_the_real_local_api(capsys):
     rows = run(capsys, "--mode", "api", "--images", "3")
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert all(r["jobs"] == 3 and r["sequential_s"] > 0 and r["concurrent_s"] > 0 for r in rows)
+
+
+def test_cpu_pipeline_bound_script_runs():
+    import subprocess
+    import sys
+
+    import testlib
+    out = subprocess.run([sys.executable, "scripts/cpu_pipeline_bound.py", "--images", "8",
+                          "--rounds", "1"], cwd=testlib.REPO, capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    (row,) = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    # the input floor is a part of captioning's work: a model costing only that is faster
+    assert row["input_floor_per_s"] > row["caption_per_s"] > 0
+    assert row["best_ratio_free_model"] > row["best_ratio_tiny_random"] > 0
