@@ -321,9 +321,18 @@ class LavisEngine(engine.BaseEngine):
         dtype = lavis_dtype(cfg.dtype, device)
         source, model_id = _source(cfg.model)
         import transformers
-        from lavis.models import load_model_and_preprocess
-        from lavis.models.blip2_models.blip2_opt import Blip2OPT
-        from omegaconf import OmegaConf
+        try:
+            from lavis.models import load_model_and_preprocess
+            from lavis.models.blip2_models.blip2_opt import Blip2OPT
+            from omegaconf import OmegaConf
+        except ImportError as exc:
+            import modeling
+            raise modeling.ModelLoadError(
+                f"BLIP_ENGINE=lavis: LAVIS is not installed in this Python environment ({exc}). "
+                "Run it from its own environment (`make venv-lavis`, then `make run "
+                "BLIP_ENGINE=lavis` or `.venv-lavis/bin/python src/handler.py`) or from the "
+                "image built with `docker build --build-arg BLIP_ENGINE=lavis`; or unset "
+                "BLIP_ENGINE to use the transformers engine.") from None
         if transformers.__version__ != PINNED_TRANSFORMERS:
             log.warning("transformers %s with LAVIS: only %s keeps its KV cache and beam search "
                         "intact (requirements-lavis.txt)", transformers.__version__,

@@ -70,6 +70,24 @@ def test_random_full_config_is_the_real_architecture():
     assert tok.convert_tokens_to_ids("<image>") == 50265
 
 
+def test_lavis_engine_outside_its_environment_says_where_to_run_it(monkeypatch, capsys):
+    import importlib.util
+
+    import handler
+    try:  # ("lavis" alone would find tests/lavis, a namespace package under pytest)
+        installed = importlib.util.find_spec("lavis.models") is not None
+    except ModuleNotFoundError:
+        installed = False
+    if installed:
+        pytest.skip("LAVIS is installed here; this checks the main environment")
+    for name, value in {"BLIP_ENGINE": "lavis", "BLIP_MODEL": "tiny-random",
+                        "RUNPOD_LOG_LEVEL": "INFO"}.items():
+        monkeypatch.setenv(name, value)
+    assert handler.main() == 1  # exits before taking jobs, without a traceback
+    err = capsys.readouterr().err
+    assert "BLIP_ENGINE=lavis" in err and "make venv-lavis" in err and "Traceback" not in err
+
+
 def test_missing_weights_give_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(modeling.ModelLoadError) as info:
