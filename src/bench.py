@@ -28,6 +28,9 @@ Modes:
   /runsync (three rounds), against one after another.
 - ``load``: model load and warm-up time.
 
+Worker settings in the environment apply to every mode, as to the worker (e.g.
+``BLIP_CUDA_GRAPHS=0 python src/bench.py ...``), and each row lists them under ``settings``.
+
 Random weights never stop early, so ``--new-tokens K`` forces exactly K new tokens
 (min_length = max_length = K): every variant does the same work as the real checkpoint
 writing a K-token caption. Images are synthetic JPEGs made in memory (gradients + noise).
@@ -72,7 +75,9 @@ def versions() -> dict:
 
 class Report:
     def __init__(self, args, device: torch.device, out_path: str | None):
-        self.common = {"model": args.model, "device": _device_name(device),
+        # settings: the worker's environment variables this run had (worker_env)
+        self.common = {"model": args.model, "settings": worker_env() or "defaults",
+                       "device": _device_name(device),
                        "date": time.strftime("%Y-%m-%d"), "versions": versions()}
         self.file = open(out_path, "a") if out_path else None
 
@@ -137,8 +142,16 @@ def reset_peak(device: torch.device) -> None:
 
 
 # --- modes --------------------------------------------------------------------------------
+def worker_env() -> dict[str, str]:
+    """The worker settings set in this environment (``BLIP_CUDA_GRAPHS=0``, ``BLIP_DTYPE``, ...,
+    every variable of ``config.SETTINGS``): every mode runs with them, as the worker would, and
+    each row reports them; the bench's own flags (``--model``, ``--dtype``, a mode's batch
+    limit) override them."""
+    return {s.env: os.environ[s.env] for s in config.SETTINGS if s.env in os.environ}
+
+
 def make_engine(args, **env) -> engine_mod.BaseEngine:
-    settings = {"BLIP_MODEL": args.model, "BLIP_WARMUP": "1"}
+    settings = {**worker_env(), "BLIP_MODEL": args.model, "BLIP_WARMUP": "1"}
     if args.dtype:
         settings["BLIP_DTYPE"] = args.dtype
     settings.update(env)
@@ -354,7 +367,8 @@ def mode_pipeline(args, report: Report) -> None:
     import inputs
     import jobs
     params = params_of(args)
-    env = {"BLIP_MODEL": args.model, "BLIP_MAX_BATCH_SIZE": str(max(args.batch_sizes))}
+    env = {**worker_env(), "BLIP_MODEL": args.model,
+           "BLIP_MAX_BATCH_SIZE": str(max(args.batch_sizes))}
     cfg = config.Config.from_env(env)
     eng = engine_mod.load_engine(cfg)
     worker = jobs.Worker(cfg, eng)
@@ -451,10 +465,6 @@ def mode_api(args, report: Report) -> None:
         t0 = time.perf_counter()
         seq = [post(j) for j in jpegs]
         sequential = time.perf_counter() - t0
-        # the worker's settings that shape this measurement (the bench's environment)
-        settings = {k: os.environ[k] for k in ("MAX_CONCURRENT_JOBS", "BLIP_MAX_BATCH_SIZE",
-                                               "BLIP_BATCH_WAIT_MS", "DECODE_WORKERS")
-                    if k in os.environ}
         # Round 1 meets the batch shapes for the first time; all rounds are reported.
         for round_ in (1, 2, 3):
             with ThreadPoolExecutor(len(jpegs)) as pool:
@@ -465,8 +475,7 @@ def mode_api(args, report: Report) -> None:
                         new_tokens=params.max_length, sequential_s=round(sequential, 3),
                         concurrent_s=round(together, 3), ratio=round(sequential / together, 2),
                         one_job_p50_ms=round(1000 * statistics.median(seq), 1),
-                        concurrent_job_p50_ms=round(1000 * statistics.median(conc), 1),
-                        settings=settings or "defaults")
+                        concurrent_job_p50_ms=round(1000 * statistics.median(conc), 1))
     finally:
         proc.terminate()
         try:
@@ -497,8 +506,9 @@ MODES = {"engine": mode_engine, "job": mode_job, "concurrent": mode_concurrent,
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny-random",
-                    help="tiny-random | random-full | a local directory or repo id")
+    ap.add_argument("--model", default=os.environ.get("BLIP_MODEL", "tiny-random"),
+                    help="tiny-random | random-full | a local directory or repo id "
+                         "(default: BLIP_MODEL, else tiny-random)")
     ap.add_argument("--mode", default="engine", choices=sorted(MODES))
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--image-size", default="640x480",
@@ -511,7 +521,8 @@ def parse_args(argv=None):
                     help="engine variants (engine and job modes): " + ", ".join(VARIANTS))
     ap.add_argument("--staging", default="pinned", type=lambda s: s.split(","),
                     help="job mode: pinned (default) and/or host (see mode_job)")
-    ap.add_argument("--dtype", default=None, choices=[None, "float16", "bfloat16", "float32"])
+    ap.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                    help="model dtype (default: the worker's, BLIP_DTYPE)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--compare-naive", action="store_true")
     ap.add_argument("--naive-images", type=int, default=16)

@@ -69,3 +69,12 @@ def test_cpu_pipeline_bound_script_runs():
     # the input floor is a part of captioning's work: a model costing only that is faster
     assert row["input_floor_per_s"] > row["caption_per_s"] > 0
     assert row["best_ratio_free_model"] > row["best_ratio_tiny_random"] > 0
+
+
+def test_worker_settings_in_the_environment_apply_and_are_reported(capsys, monkeypatch):
+    # (until this was fixed the bench ignored them: `BLIP_CUDA_GRAPHS=0` changed nothing)
+    monkeypatch.setenv("BLIP_MAX_BATCH_SIZE", "3")
+    rows = run(capsys, "--mode", "concurrent", "--images", "7")
+    for r in rows:
+        assert r["settings"] == {"BLIP_MAX_BATCH_SIZE": "3"}
+        assert sum(r["batch_sizes"]) == 7 and max(r["batch_sizes"]) <= 3
