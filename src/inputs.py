@@ -193,9 +193,19 @@ def printable(text: str) -> str:
                    for c in text)
 
 
+def _base64_reason(exc: binascii.Error) -> str:
+    """binascii's message in the user's terms."""
+    text = str(exc)
+    if "Only base64 data" in text:
+        return "it holds a character outside the standard alphabet A-Z a-z 0-9 + / ="
+    if "padding" in text or "multiple of 4" in text:
+        return "its length is wrong: cut short, or '=' padding missing"
+    return text
+
+
 def _not_an_image(head: bytes, size: int) -> str:
     if size == 0:
-        return "the file is empty (0 bytes)"
+        return "the file is empty (0 bytes); check that the source holds the image"
     if head.lstrip()[:1] == b"<":
         return ("not an image or a zip: the content looks like HTML or XML (an error page?); "
                 "the URL must point at the image file itself")
@@ -274,8 +284,8 @@ def _save_data_uri(uri: str, path: str, cfg: Config) -> str:
             try:
                 data = base64.b64decode(payload[start:start + B64_CHUNK], validate=True)
             except binascii.Error as exc:
-                raise ImageError(f"the data: URI is not valid base64 ({exc}); encode the file "
-                                 "with standard base64") from None
+                raise ImageError(f"the data: URI is not valid base64 ({_base64_reason(exc)}); "
+                                 "encode the file with standard base64") from None
             sink.write(data)
         return sink.finish()
 

@@ -124,7 +124,7 @@ HOSTILE_IMAGES = {  # name: (bytes, CAPTIONED or the start of its error)
     "10000x10.png": (T.png(5, (10000, 10)), CAPTIONED),
     "not-an-image.jpg": (b"plain text, not a picture", "not an image or a zip: the content is not "
                          "JPEG, PNG, GIF, WebP, BMP, TIFF or AVIF, nor a zip of them"),
-    "empty.jpg": (b"", "the file is empty (0 bytes)"),
+    "empty.jpg": (b"", "the file is empty (0 bytes); check that the source holds the image"),
 }
 # What the special images must caption as: the first frame; the image turned upright. And
 # controls proving the captions tell them apart: the second frame; the stored, unturned pixels.

@@ -161,7 +161,7 @@ def test_decode_errors_are_per_image(http_server):
     assert "50000x50000" in bomb or "2500 MP" in bomb
     assert "the limit is 120 MP (MAX_IMAGE_PIXELS)" in bomb
     assert cut.startswith("not a readable image: truncated or corrupt JPEG data")
-    assert empty == "the file is empty (0 bytes)"
+    assert empty == "the file is empty (0 bytes); check that the source holds the image"
     assert text.startswith("not an image or a zip: the content is not JPEG, PNG")
     assert "looks like HTML" in page
     assert isinstance(good, Image.Image)
@@ -639,9 +639,12 @@ def test_data_uri_with_line_breaks_decodes():
 
 def test_bad_base64():
     bad = "data:image/png;base64,not*base64!"
-    assert one(bad).startswith("the data: URI is not valid base64")
+    assert one(bad) == ("the data: URI is not valid base64 (it holds a character outside the "
+                        "standard alphabet A-Z a-z 0-9 + / =); encode the file with standard "
+                        "base64")
     assert job_error([bad]).startswith("data_url: the data: URI is not valid base64")
-    assert "not valid base64" in one(T.data_uri(T.png(1))[:-1])  # length not a multiple of 4
+    short = one(T.data_uri(T.png(1))[:-1])  # length not a multiple of 4
+    assert "not valid base64 (its length is wrong: cut short, or '=' padding missing)" in short
 
 
 def test_data_uri_over_the_cap():

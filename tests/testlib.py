@@ -664,7 +664,7 @@ def pool_image(seed: int) -> bytes:
 BAD_FILES = {
     "truncated": (lambda: truncated_jpeg(7), "not a readable image: truncated or corrupt JPEG"),
     "text": (lambda: b"this is not a picture", "not an image or a zip: the content is not"),
-    "empty": (lambda: b"", "the file is empty (0 bytes)"),
+    "empty": (lambda: b"", "the file is empty (0 bytes); check that the source holds the image"),
 }
 BAD_MEMBERS = {
     **BAD_FILES,
