@@ -72,8 +72,9 @@ def parser() -> argparse.ArgumentParser:
                    help="caption images that already have a caption file too")
     types = {"int": int, "opt_int": int, "float": float, "str": str}
     for spec in FLAG_FIELDS:
-        text = f"{spec.doc} Default {spec.default_text}" + (f"; {spec.bounds}" if spec.bounds
-                                                          else "") + "."
+        default = "unset" if spec.default is None else spec.default_text  # JSON null: omit it
+        text = f"{spec.doc} Default {default}" + (f"; {spec.bounds}" if spec.bounds
+                                                  else "") + "."
         kwargs: dict = {"dest": spec.name, "default": None, "help": text.replace("%", "%%")}
         if spec.kind == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction

@@ -203,8 +203,9 @@ def missing_weights_message(source: str, exc: BaseException | None = None) -> st
         fetch = (f"`python builder/fetch_model.py --out {source}` (downloads "
                  "Salesforce/blip2-opt-2.7b-coco there)")
     else:
-        fetch = (f"`python builder/fetch_model.py --model {source} --out models/blip2` and set "
-                 "BLIP_MODEL=models/blip2")
+        local = "models/" + source.rstrip("/").split("/")[-1]  # as the README's example
+        fetch = (f"`python builder/fetch_model.py --model {source} --out {local}` and set "
+                 f"BLIP_MODEL={local}")
     return (f"cannot load the model BLIP_MODEL={source!r}{reason}. Download it first with "
             f"{fetch} (the Docker image does this at build time), or try the worker without "
             "weights: `make run BLIP_MODEL=tiny-random` (BLIP_MODEL=tiny-random).")

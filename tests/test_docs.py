@@ -58,6 +58,15 @@ def test_the_output_example_has_the_real_shape():
     assert set(example) <= {"captions", "errors", "skipped", "model", "engine", "timings"}
     assert set(example["captions"][0]) == {"image_path", "caption"}
     assert set(example["timings"]) == {"fetch_s", "caption_s", "total_s"}
+    # its image error is what the worker says for a real truncated JPEG of that name
+    import io
+
+    from inputs import ImageSource, decode_image
+    (entry,) = example["errors"]
+    src = ImageSource((0, 0), entry["image_path"], lambda: io.BytesIO(testlib.truncated_jpeg(1)))
+    with pytest.raises(Exception) as info:
+        decode_image(src, config.defaults())
+    assert entry["error"] == str(info.value)
 
 
 @pytest.fixture(scope="module")
