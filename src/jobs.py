@@ -63,9 +63,14 @@ class _JobState:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def on_batch(self, n: int) -> None:
+        """Report progress after a batch, unless the job was cancelled: a batch already on the
+        GPU at a cancel still finishes, but the job has ended for RunPod, and an update posted
+        then would describe a job that no longer runs (with a count from before the cancel)."""
         with self.lock:
             self.done += n
             done, total = self.done, self.total
+        if self.cancelled.is_set():
+            return
         if self.progress is not None and (total is None or total > self.report_every):
             self.progress(done, total)
 
@@ -167,8 +172,9 @@ class Worker:
                         entries.append(self._start(item, request, state))
                 finally:
                     state.producer.release()
-                with state.lock:
-                    state.total = len(entries)
+                if not state.cancelled.is_set():  # every input seen: the total is known
+                    with state.lock:
+                        state.total = len(entries)
                 results = [(e, e.future.result()) for e in entries]
                 completed = not state.cancelled.is_set()
             finally:

@@ -290,3 +290,45 @@ def test_auto_concurrency_lets_one_batch_hold_a_burst_of_one_image_jobs():
     cfg = config.Config.from_env({"BLIP_MODEL": "tiny-random", "BLIP_MAX_BATCH_SIZE": "48"})
     assert cfg.max_concurrent_jobs == 0  # the default is auto
     assert jobs.concurrent_jobs(cfg.max_concurrent_jobs, 48) == 48
+
+
+def test_no_progress_after_a_cancel_and_a_total_only_once_known(tmp_path, http_server,
+                                                                  monkeypatch):
+    """As seen on RunPod: a job cancelled while a batch was on the GPU posted one more update,
+    with a total that counted only the images queued before the cancel."""
+    import time
+    w = make_worker(tmp_path, DOWNLOAD_DEADLINE_S="60")
+    real = w.engine.generate_with_fallback
+
+    def slow_batches(*args, **kwargs):  # the real model, each batch held on the "GPU" longer
+        time.sleep(0.4)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(w.engine, "generate_with_fallback", slow_batches)
+    reports: list[tuple[float, int, int | None]] = []
+    try:
+        ready = [testlib.data_uri(testlib.jpeg(seed=700 + i), "image/jpeg") for i in range(8)]
+        slow = [http_server.route(f"/late{i}.jpg", testlib.drip(testlib.jpeg(seed=720 + i),
+                                                                 interval=0.5))
+                for i in range(4)]
+        sources = ready + slow  # the job is still reading its inputs when it is cancelled
+        result = {}
+        t = threading.Thread(target=lambda: result.update(w.run(
+            {"data_urls": sources, "batch_size": 1, **FAST}, "job-late",
+            lambda done, total: reports.append((time.monotonic(), done, total)))))
+        t.start()
+        deadline = time.monotonic() + 30
+        while not reports and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert reports, "the job never reported progress"
+        time.sleep(0.1)  # the next batch is on the GPU now
+        w.cancel("job-late")
+        cancelled_at = time.monotonic()
+        t.join(timeout=20)
+        assert not t.is_alive() and result == {"error": "the job was cancelled"}
+        time.sleep(0.6)  # a batch in flight at the cancel has finished by now
+        late = [r for r in reports if r[0] > cancelled_at]
+        assert late == [], f"progress posted after the cancel: {late}"
+        assert {total for _, _, total in reports} <= {None, len(sources)}, reports
+    finally:
+        w.close()
