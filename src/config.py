@@ -102,6 +102,13 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds to establish a connection.", lo=0.01, hi=600),
     Setting("read_timeout_s", "DOWNLOAD_READ_TIMEOUT_S", "float", 30.0,
             "Seconds a download may stall without receiving a byte.", lo=0.01, hi=3600),
+    Setting("low_speed_limit", "DOWNLOAD_LOW_SPEED_LIMIT", "int", 1024,
+            "Bytes per second a download must average over `DOWNLOAD_LOW_SPEED_TIME_S`, headers "
+            "included, or it is cut and retried like a stall (curl's --speed-limit; a server "
+            "that drips bytes never trips the read timeout); 0 = off.", lo=0, hi=10**9),
+    Setting("low_speed_time_s", "DOWNLOAD_LOW_SPEED_TIME_S", "float", 30.0,
+            "Seconds over which `DOWNLOAD_LOW_SPEED_LIMIT` is averaged (curl's --speed-time).",
+            lo=0.1, hi=3600),
     Setting("download_deadline_s", "DOWNLOAD_DEADLINE_S", "float", 300.0,
             "Total seconds allowed for one file, retries included.", lo=0.01, hi=86400),
     Setting("download_retries", "DOWNLOAD_RETRIES", "int", 3,
@@ -193,6 +200,8 @@ class Config:
     download_concurrency: int
     connect_timeout_s: float
     read_timeout_s: float
+    low_speed_limit: int
+    low_speed_time_s: float
     download_deadline_s: float
     download_retries: int
     retry_backoff_s: float

@@ -13,9 +13,11 @@ Fetching:
   They run concurrently (DOWNLOAD_CONCURRENCY per job, at most AHEAD_PER_DOWNLOAD sources per
   download thread ahead of the images the job has taken), with connect/read timeouts and a total
   deadline per file, retries included (DOWNLOAD_DEADLINE_S). A slow drip never trips a read
-  timeout, so a watchdog timer shuts the sockets down at the deadline, which ends a blocked read:
-  it covers the whole attempt, connection, headers (a server can drip those too), every redirect
-  hop and the body. Cancelling a job cuts its downloads the same way.
+  timeout, so a watchdog shuts the sockets down, which ends a blocked read: at the deadline, or
+  earlier when the transfer averages under DOWNLOAD_LOW_SPEED_LIMIT bytes/s over
+  DOWNLOAD_LOW_SPEED_TIME_S (curl's --speed-limit; that cut is retried like a stall). It covers
+  the whole attempt, connection, headers (a server can drip those too), every redirect hop and
+  the body. Cancelling a job cuts its downloads the same way.
   Connection errors, timeouts, 5xx, 408 and 429 answers are retried with exponential backoff
   (or after the server's Retry-After); other 4xx never.
   Identity encoding is requested; a server that compresses anyway is decoded by urllib3, whose
@@ -68,6 +70,7 @@ import time
 import warnings
 import zipfile
 import zlib
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -374,16 +377,24 @@ def _shutdown(sock: socket.socket) -> None:
 class _Watchdog:
     """Cuts one download attempt at the deadline, whatever the server's pace: while it connects,
     waits for headers (a server may drip them too), follows redirects and streams the body.
+    It also cuts a transfer that stays too slow, as curl's ``--speed-limit``/``--speed-time``
+    do: when the body bytes counted with ``received`` average under ``low_speed`` (bytes/s,
+    over ``window`` seconds), the attempt is cut, and the downloader retries it like a stall.
+    Header bytes are not counted, so headers still arriving after ``window`` seconds count as
+    slow: a read timeout never fires on a server that drips one byte a second.
     What it cuts is registered with ``watch``: each socket the attempt's thread opens (see
-    ``_opened``) and the response."""
+    ``_opened``) and the response. One thread per attempt watches the clock."""
 
-    def __init__(self, seconds: float):
-        self.fired = False  # the deadline passed
+    def __init__(self, seconds: float, low_speed: float = 0.0, window: float = 30.0):
+        self.fired: str | None = None  # "deadline" or "slow" once it has cut the attempt
+        self.received = 0  # body bytes so far (written by the attempt's thread only)
+        self._seconds, self._low_speed, self._window = seconds, low_speed, window
         self._lock = threading.Lock()
         self._cut = False  # everything watched is cut, and so is what is watched from now on
         self._cuts: list[Callable[[], None]] = []
-        self._timer = threading.Timer(seconds, self._fire)
-        self._timer.daemon = True
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch_clock, daemon=True,
+                                        name="download-watchdog")
 
     def watch(self, cut: Callable[[], None]) -> None:
         """Call ``cut`` at the deadline or on ``cut_all`` (at once if that already happened:
@@ -395,8 +406,33 @@ class _Watchdog:
         with suppress(Exception):
             cut()
 
-    def _fire(self) -> None:
-        self.fired = True
+    def _watch_clock(self) -> None:
+        start = time.monotonic()
+        end = start + self._seconds
+        window = self._window
+        # (time, bytes) samples; the first is the newest one at least ``window`` old
+        samples: deque[tuple[float, int]] = deque([(start, 0)])
+        tick = min(1.0, window / 4) if self._low_speed else None
+        while True:
+            left = end - time.monotonic()
+            if self._stop.wait(max(0.0, left if tick is None else min(left, tick))):
+                return
+            now = time.monotonic()
+            if now >= end:
+                self._fire("deadline")
+                return
+            if tick is None:
+                continue
+            samples.append((now, self.received))
+            while len(samples) > 1 and samples[1][0] <= now - window:
+                samples.popleft()
+            since, before = samples[0]
+            if now - since >= window and self.received - before < self._low_speed * (now - since):
+                self._fire("slow")
+                return
+
+    def _fire(self, why: str) -> None:
+        self.fired = why
         self.cut_all()
 
     def cut_all(self) -> None:
@@ -408,10 +444,10 @@ class _Watchdog:
                 cut()
 
     def start(self) -> None:
-        self._timer.start()
+        self._thread.start()
 
     def cancel(self) -> None:
-        self._timer.cancel()
+        self._stop.set()
 
 
 # The watchdog of the attempt a download thread is making. urllib3 opens the sockets inside
@@ -479,6 +515,12 @@ class _Downloader:
         tries = f" after {attempt} attempts" if attempt > 1 else ""
         raise ImageError(f"download failed{tries}: {reason}")
 
+    def _slow_text(self) -> str:
+        cfg = self.cfg
+        return (f"the transfer was slower than {human_size(cfg.low_speed_limit)}/s for "
+                f"{cfg.low_speed_time_s:g} s ({ENV['low_speed_limit']}, "
+                f"{ENV['low_speed_time_s']})")
+
     def _deadline_text(self) -> str:
         return (f"the download did not finish within {self.cfg.download_deadline_s:g} s "
                 f"({ENV['download_deadline_s']})")
@@ -519,7 +561,8 @@ class _Downloader:
     def _watching(self, seconds: float) -> Iterator[_Watchdog]:
         """Arm the deadline watchdog for one attempt, register it for cancellation, and have
         the sockets this thread opens meanwhile registered with it."""
-        watchdog = _Watchdog(seconds)
+        cfg = self.cfg
+        watchdog = _Watchdog(seconds, cfg.low_speed_limit, cfg.low_speed_time_s)
         with self._lock:
             self._active.add(watchdog)
         _opened.watchdog = watchdog
@@ -540,19 +583,22 @@ class _Downloader:
                 chunk = resp.raw.read1(min(CHUNK, sink.room()), decode_content=True)
             except Exception as exc:  # whatever a read raises, also once its socket is shut
                 raise self._read_failure(exc, watchdog) from None
-            if watchdog.fired:  # a shut socket reads as a clean end of file
-                raise ImageError(self._deadline_text())
-            if self.cancelled.is_set():
-                raise _Cancelled()
+            if watchdog.fired or self.cancelled.is_set():  # a shut socket reads as an end
+                raise self._read_failure(None, watchdog)
             if not chunk:
                 return
+            watchdog.received += len(chunk)
             sink.write(chunk)
 
-    def _read_failure(self, exc: Exception, watchdog: _Watchdog) -> Exception:
-        if watchdog.fired:
+    def _read_failure(self, exc: Exception | None, watchdog: _Watchdog) -> Exception:
+        if watchdog.fired == "deadline":
             return ImageError(self._deadline_text())
         if self.cancelled.is_set():
             return _Cancelled()
+        if watchdog.fired == "slow":
+            return _Retry(self._slow_text())
+        if exc is None:  # pragma: no cover - only called without one after a cut
+            return RuntimeError("download cut for no reason")
         if isinstance(exc, _NETWORK_ERRORS):
             return _Retry(_network_reason(exc, self.cfg))
         return exc

@@ -491,6 +491,60 @@ def test_read_timeout_is_retried(http_server):
     assert http_server.hits("/quiet.jpg") == 2
 
 
+SLOW = ("the transfer was slower than 1000 bytes/s for 0.5 s "
+        "(DOWNLOAD_LOW_SPEED_LIMIT, DOWNLOAD_LOW_SPEED_TIME_S)")
+LOW_SPEED = CFG.replace(low_speed_limit=1000, low_speed_time_s=0.5, download_retries=1,
+                        download_deadline_s=20.0, read_timeout_s=10.0)
+
+
+def test_a_dripping_body_is_cut_by_the_low_speed_limit_and_retried(http_server):
+    # 10 bytes/s: every read returns within the read timeout, so only the speed check ends it.
+    url = http_server.route("/drip-slow.jpg", T.drip(b"\xff\xd8\xff" + bytes(500), interval=0.1))
+    start = time.monotonic()
+    message = one(url, LOW_SPEED)
+    elapsed = time.monotonic() - start
+    assert message == f"download failed after 2 attempts: {SLOW}"
+    assert http_server.hits("/drip-slow.jpg") == 2
+    assert 1.0 <= elapsed < 4.0, elapsed  # two windows of 0.5 s (checked every 1/4 window)
+
+
+def test_dripping_headers_are_cut_by_the_low_speed_limit(http_server):
+    url = http_server.route("/drip-head.jpg", T.drip_headers(interval=0.1))
+    start = time.monotonic()
+    message = one(url, LOW_SPEED)
+    assert message == f"download failed after 2 attempts: {SLOW}"
+    assert http_server.hits("/drip-head.jpg") == 2
+    assert time.monotonic() - start < 4.0
+
+
+def test_a_steady_transfer_above_the_limit_completes_over_many_windows(http_server):
+    # ~2 s at about 4x the limit: the check runs in every window and never cuts it.
+    data = T.jpeg(seed=8, size=(400, 300), quality=95)
+    step = max(1, len(data) // 40)
+    url = http_server.route("/steady.jpg", T.drip(data, interval=0.05, step=step))
+    cfg = LOW_SPEED.replace(low_speed_limit=step * 20 // 4)
+    start = time.monotonic()
+    image = one(url, cfg)
+    assert isinstance(image, Image.Image), image
+    assert time.monotonic() - start > 1.5  # it did span several windows
+    assert http_server.hits("/steady.jpg") == 1
+
+
+def test_a_fast_large_download_is_not_cut(http_server, tmp_path):
+    url = http_server.route("/large.zip", T.huge(64 * MiB, head=b"PK\x03\x04", length=True))
+    cfg = CFG.replace(low_speed_limit=MiB, low_speed_time_s=0.2, download_deadline_s=60.0)
+    kind = inputs._Downloader(cfg).fetch(url, str(tmp_path / "large"))
+    assert kind == inputs.ZIP and (tmp_path / "large").stat().st_size == 64 * MiB
+
+
+def test_the_low_speed_limit_can_be_switched_off(http_server):
+    url = http_server.route("/drip-off.jpg", T.drip(b"\xff\xd8\xff" + bytes(30), interval=0.05))
+    cfg = LOW_SPEED.replace(low_speed_limit=0, download_retries=0)
+    message = one(url, cfg)  # a whole (if broken) JPEG arrives: the decoder judges it
+    assert message.startswith("not a readable image"), message
+    assert http_server.hits("/drip-off.jpg") == 1
+
+
 def test_redirects_are_followed(http_server):
     target = serve(http_server, "/target.png", T.png(5))
     http_server.route("/r1", T.redirect("/r2", 301))
