@@ -9,10 +9,14 @@ is shown to be able to fail.
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import re
+import os
 import shlex
 import shutil
+import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable
@@ -68,11 +72,10 @@ def arg_default(args: str) -> tuple[str, str | None]:
     return name.strip(), default.strip().strip('"') if eq else None
 
 
-def image_instructions(instructions: list[Instruction],
-                       build_args: dict[str, str] | None = None) -> list[Instruction]:
-    """The instructions that make the final image, stage chain followed (base stage first),
-    with ARG values substituted as Docker would (a stage's ARG without a default takes the
-    global one; --build-arg overrides)."""
+def stage_chain(instructions: list[Instruction], build_args: dict[str, str] | None = None
+                ) -> tuple[dict[str, str], list[tuple[str, str | None, list[Instruction]]]]:
+    """The global ARG values and the stages that make the final image, base stage first, as
+    (FROM image or stage, alias, body); chain[0][0] is the image the build starts from."""
     build_args = build_args or {}
     globals_: dict[str, str] = {}
     stages: list[tuple[str, str | None, list[Instruction]]] = []  # (from, alias, body)
@@ -90,6 +93,16 @@ def image_instructions(instructions: list[Instruction],
     aliases = {alias: (base, alias, body) for base, alias, body in stages if alias}
     while chain[0][0] in aliases:
         chain.insert(0, aliases[chain[0][0]])
+    return globals_, chain
+
+
+def image_instructions(instructions: list[Instruction],
+                       build_args: dict[str, str] | None = None) -> list[Instruction]:
+    """The instructions that make the final image, stage chain followed (base stage first),
+    with ARG values substituted as Docker would (a stage's ARG without a default takes the
+    global one; --build-arg overrides)."""
+    build_args = build_args or {}
+    globals_, chain = stage_chain(instructions, build_args)
     flat: list[Instruction] = []
     for _, _, body in chain:
         values = dict(build_args)
@@ -105,6 +118,12 @@ def image_instructions(instructions: list[Instruction],
 def final_image(root: Path, engine: str, **build_args: str) -> list[Instruction]:
     return image_instructions(parse((root / "Dockerfile").read_text()),
                               {"BLIP_ENGINE": engine, **build_args})
+
+
+def base_image(root: Path, engine: str, **build_args: str) -> str:
+    """The image the final image is built on (the first FROM of its stage chain)."""
+    return stage_chain(parse((root / "Dockerfile").read_text()),
+                       {"BLIP_ENGINE": engine, **build_args})[1][0][0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,6 +380,204 @@ def check_build_arg_defaults(root: Path) -> list[str]:
             for name, v in want.items() if values.get(name) != v]
 
 
+# ----------------------------------------------------------------------------------------------
+# the CUDA flavour: one build arg names it, and everything that depends on it agrees
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Flavor:
+    cuda: str  # the CUDA version torch's build is for (torch.version.cuda)
+    base: str  # its base image
+    archs: tuple[str, ...]  # the compute capabilities its kernels are built for
+
+
+# The known-good pairs (flavour -> base image). Flavours: the CUDA builds in PyTorch's release
+# matrix for torch 2.13 and 2.14 (12.6 and 13.0; 13.2 too, experimental in 2.13; no 12.8 or 12.9
+# since 2.12), each on PyTorch's index at download.pytorch.org/whl/<flavour>. (The default
+# index's torch==2.13.0 and 2.14.1 are the CUDA 13.0 builds: their metadata requires
+# cuda-toolkit==13.0.3.) Architectures: PyTorch's CUDA support matrix for 2.12 to 2.14, Linux
+# x86_64. Base: nvidia/cuda's smallest ("base") image of the same CUDA version.
+CUDA_FLAVORS = {
+    "cu126": Flavor("12.6", "nvidia/cuda:12.6.3-base-ubuntu22.04",
+                    ("5.0", "6.0", "7.0", "7.5", "8.0", "8.6", "9.0")),
+    "cu130": Flavor("13.0", "nvidia/cuda:13.0.2-base-ubuntu22.04",
+                    ("7.5", "8.0", "8.6", "9.0", "10.0", "12.0")),
+}
+# The host CUDA versions RunPod schedules on (the values allowedCudaVersions takes), newest first.
+RUNPOD_CUDA_VERSIONS = ("13.0", "12.9", "12.8", "12.7", "12.6", "12.5", "12.4", "12.3", "12.2",
+                        "12.1", "12.0", "11.8")
+TORCH_INDEX = "https://download.pytorch.org/whl/"
+
+
+def version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split("."))
+
+
+def hosts_for(flavor: str) -> list[str]:
+    """The RunPod host CUDA versions a flavour runs on: its own and every newer one (a driver
+    runs what was built for its CUDA version or an older one)."""
+    return [v for v in RUNPOD_CUDA_VERSIONS if version(v) >= version(CUDA_FLAVORS[flavor].cuda)]
+
+
+def runs_on(flavor: str, capability: str) -> bool:
+    """Whether a GPU of compute capability X.y has kernels in the flavour's torch: those built
+    for X.z with z <= y run on it (same major version)."""
+    major, minor = version(capability)
+    return any(a == major and b <= minor for a, b in map(version, CUDA_FLAVORS[flavor].archs))
+
+
+def froms(root: Path) -> list[tuple[str, str | None]]:
+    """(image or stage, alias) of every FROM, global ARGs substituted."""
+    out, values = [], {}
+    for ins in parse((root / "Dockerfile").read_text()):
+        if ins.cmd == "ARG" and not out:
+            name, default = arg_default(ins.args)
+            values[name] = default or ""
+        elif ins.cmd == "FROM":
+            words = substitute(ins.args, values).split()
+            out.append((words[0], words[2] if len(words) > 2 else None))
+    return out
+
+
+def default_cuda_flavor(root: Path) -> str | None:
+    for ins in parse((root / "Dockerfile").read_text()):
+        if ins.cmd == "FROM":
+            return None
+        if ins.cmd == "ARG" and arg_default(ins.args)[0] == "CUDA_FLAVOR":
+            return arg_default(ins.args)[1]
+    return None
+
+
+def torch_installs(image: list[Instruction]) -> list[tuple[int, str]]:
+    """(position, command) of every `pip install` of torch (and torchvision)."""
+    return [(i, " ".join(seg.split())) for i, ins in enumerate(image) if ins.cmd == "RUN"
+            for seg in re.split(r"&&|\|\||;", ins.args)
+            if "pip install" in seg and "torch" in seg]
+
+
+def run_check(script: str, env: dict[str, str]) -> int:
+    """Exit status of a RUN's shell command, with a stand-in `python` that prints
+    $FAKE_TORCH_CUDA (the check asks torch.version.cuda, and no CUDA torch is installed here)."""
+    return _run_check(script, tuple(sorted(env.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _run_check(script: str, env_items: tuple[tuple[str, str], ...]) -> int:
+    env = dict(env_items)
+    with tempfile.TemporaryDirectory() as bin_dir:
+        fake = Path(bin_dir) / "python"
+        fake.write_text('#!/bin/sh\necho "$FAKE_TORCH_CUDA"\n')
+        fake.chmod(0o755)
+        return subprocess.run(["sh", "-c", script], env={
+            "PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}", **env},
+            capture_output=True).returncode
+
+
+def check_build_checks(image: list[Instruction], flavor: str) -> list[str]:
+    """The build stops when the base image's CUDA_VERSION, or the installed torch's CUDA, is not
+    the flavour's: both RUN checks are run here with the right and a wrong version."""
+    facts, problems = CUDA_FLAVORS[flavor], []
+    other = next(f for f in CUDA_FLAVORS.values() if f.cuda != facts.cuda)
+    installs = [i for i, _ in torch_installs(image)]
+    checks = {
+        "CUDA_VERSION": ("the base image's CUDA_VERSION", lambda f: {
+            "CUDA_VERSION": f.base.split(":")[1].split("-")[0]}),
+        "torch.version.cuda": ("the installed torch's CUDA", lambda f: {
+            "FAKE_TORCH_CUDA": f.cuda}),
+    }
+    for marker, (what, env_for) in checks.items():
+        found = [(i, ins) for i, ins in enumerate(image) if ins.cmd == "RUN" and marker in ins.args
+                 and "pip install" not in ins.args]
+        if not found:
+            problems.append(f"no RUN checks {what} against CUDA_FLAVOR")
+            continue
+        i, ins = found[0]
+        env = {"CUDA_FLAVOR": flavor}
+        if run_check(ins.args, {**env, **env_for(facts)}) != 0:
+            problems.append(f"line {ins.line}: the check of {what} fails for the right version")
+        if run_check(ins.args, {**env, **env_for(other)}) == 0:
+            problems.append(f"line {ins.line}: the check of {what} does not stop the build when "
+                            f"it is {other.cuda}")
+        if marker == "CUDA_VERSION" and installs and i > min(installs):
+            problems.append(f"line {ins.line}: check the base image before installing torch")
+        if marker == "torch.version.cuda" and installs and i < max(installs):
+            problems.append(f"line {ins.line}: torch's CUDA is checked before torch is installed")
+    return problems
+
+
+def readme_section(root: Path, title: str) -> str:
+    m = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", (root / "README.md").read_text(),
+                  re.S | re.M)
+    return m.group(1) if m else ""
+
+
+def check_readme_hosts(root: Path, default: str) -> list[str]:
+    """README's "Building and deploying" has a row per flavour (| `cuXXX` | CUDA X.Y | host
+    versions | ...) naming the hosts it runs on, the default marked, and the build arg of each
+    other flavour."""
+    section = readme_section(root, "Building and deploying")
+    rows = {m.group(1): [c.strip() for c in line.strip().strip("|").split("|")]
+            for line in section.splitlines() if (m := re.match(r"\| `(cu\d+)`", line))}
+    problems = []
+    for flavor, facts in CUDA_FLAVORS.items():
+        cells = rows.get(flavor)
+        if not cells or len(cells) < 3:
+            problems.append(f"README (Building and deploying) has no row for {flavor}")
+            continue
+        if re.findall(r"\b\d+\.\d+\b", cells[1]) != [facts.cuda]:
+            problems.append(f"README: {flavor} row says torch is built for {cells[1]!r}, not "
+                            f"CUDA {facts.cuda}")
+        hosts = re.findall(r"\b\d+\.\d+\b", cells[2])
+        if sorted(hosts, key=version) != sorted(hosts_for(flavor), key=version):
+            problems.append(f"README: {flavor} runs on hosts {hosts}, expected "
+                            f"{hosts_for(flavor)}")
+        if ("(default)" in cells[0]) != (flavor == default):
+            problems.append(f"README: the {flavor} row is {'' if flavor == default else 'not '}"
+                            f"the default (ARG CUDA_FLAVOR={default})")
+        if flavor != default and f"--build-arg CUDA_FLAVOR={flavor}" not in section:
+            problems.append(f"README (Building and deploying) does not show "
+                            f"`--build-arg CUDA_FLAVOR={flavor}`")
+    return problems
+
+
+def check_cuda_flavor(root: Path) -> list[str]:
+    """One build arg (CUDA_FLAVOR) names the flavour; for each known one, the base image is its
+    known-good pair and torch (and torchvision) come from its wheel index, and the build checks
+    both; hub.json's allowedCudaVersions and README's host list follow the default."""
+    default = default_cuda_flavor(root)
+    if default not in CUDA_FLAVORS:
+        return [f"ARG CUDA_FLAVOR (before the first FROM) defaults to {default!r}, not one of "
+                f"the known flavours {sorted(CUDA_FLAVORS)}"]
+    problems = []
+    table = {alias[len("cuda-"):]: image for image, alias in froms(root)
+             if alias and alias.startswith("cuda-")}
+    if set(table) != set(CUDA_FLAVORS):
+        problems.append(f"the Dockerfile's cuda-<flavour> stages are {sorted(table)}, the known "
+                        f"flavours {sorted(CUDA_FLAVORS)}")
+    for image_name, _ in froms(root):
+        if image_name.startswith("nvidia/cuda:") and "-base-" not in image_name:
+            problems.append(f"FROM {image_name}: use the base flavour of nvidia/cuda (torch's "
+                            "wheels bring their own CUDA libraries)")
+    for flavor, facts in CUDA_FLAVORS.items():
+        for engine in VARIANTS:
+            tag = f"[{engine}, CUDA_FLAVOR={flavor}]"
+            base = base_image(root, engine, CUDA_FLAVOR=flavor)
+            if base != facts.base:
+                problems.append(f"{tag} the image is built on {base}, not {facts.base}")
+            image = final_image(root, engine, CUDA_FLAVOR=flavor)
+            installs = torch_installs(image)
+            if not installs:
+                problems.append(f"{tag} no `pip install` of torch")
+            problems += [f"{tag} `{cmd}` does not install from {TORCH_INDEX}{flavor}"
+                         for _, cmd in installs if f"--index-url {TORCH_INDEX}{flavor} " not in cmd]
+            problems += [f"{tag} {p}" for p in check_build_checks(image, flavor)]
+    hub = json.loads((root / ".runpod" / "hub.json").read_text())
+    allowed = hub["config"].get("allowedCudaVersions")
+    if allowed != hosts_for(default):
+        problems.append(f".runpod/hub.json allowedCudaVersions is {allowed}, but the default "
+                        f"{default} image runs on {hosts_for(default)}")
+    return problems + check_readme_hosts(root, default)
+
+
 def problems(root: Path) -> list[str]:
     """Every check, for both engines (and a non-default model repo), as readable lines."""
     found = check_dockerignore(root) + check_build_arg_defaults(root)
@@ -375,7 +592,7 @@ def problems(root: Path) -> list[str]:
               for p in check_env(root, other, "transformers")]
     found += [f"[transformers] {p}" for p in check_torch_pin(root, final_image(root,
                                                                                "transformers"))]
-    return found
+    return found + check_cuda_flavor(root)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,6 +612,16 @@ def test_parser_follows_the_stage_chain_of_each_engine():
     assert "requirements-lavis.txt" in " ".join(i.args for i in lavis if i.cmd == "RUN")
 
 
+def test_cuda_flavour_facts():
+    """A build runs on its CUDA version's hosts and newer ones; a GPU runs kernels built for its
+    major version and an older or equal minor one."""
+    assert hosts_for("cu126") == ["13.0", "12.9", "12.8", "12.7", "12.6"]
+    assert hosts_for("cu130") == ["13.0"]
+    assert runs_on("cu126", "8.9") and runs_on("cu126", "9.0") and runs_on("cu126", "8.0")
+    assert not runs_on("cu126", "12.0") and not runs_on("cu126", "10.0")
+    assert runs_on("cu130", "12.0") and not runs_on("cu130", "6.1")
+
+
 def test_ignore_matching():
     pats = ["models", "**/__pycache__", "*.pyc", "!keep.pyc", "/out/"]
     assert is_ignored("models/a/b.safetensors", pats) and is_ignored("src/x/__pycache__/y", pats)
@@ -408,19 +635,20 @@ def copy_repo(tmp_path: Path) -> Path:
     root = tmp_path / "repo"
     root.mkdir()
     for name in ("Dockerfile", ".dockerignore", "requirements.txt", "requirements-lavis.txt",
-                 "test_input.json"):
+                 "test_input.json", "README.md"):
         if (ROOT / name).exists():
             shutil.copy(ROOT / name, root / name)
-    for name in ("src", "builder"):
+    for name in ("src", "builder", ".runpod"):
         shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     return root
 
 
-def edit(path: str, old: str, new: str) -> Callable[[Path], None]:
+def edit(path: str, old: str, new: str, count: int = 1) -> Callable[[Path], None]:
+    """Replace the first `count` occurrences (-1: all)."""
     def apply(root: Path) -> None:
         text = (root / path).read_text()
         assert old in text, f"{old!r} not in {path}: update this test's mutation"
-        (root / path).write_text(text.replace(old, new, 1))
+        (root / path).write_text(text.replace(old, new, count))
     return apply
 
 
@@ -430,15 +658,56 @@ def remove(path: str) -> Callable[[Path], None]:
 
 MUTATIONS = {
     "torch pin drifts in the Dockerfile": (
-        edit("Dockerfile", "pip install torch==", "pip install torch==0.0.1+"),
+        edit("Dockerfile", "torch==2.13.0 \\\n", "torch==0.0.1+ \\\n"),
         "the Dockerfile pins torch==0.0.1+"),
     "torch pin drifts in requirements.txt": (
         edit("requirements.txt", "torch==", "torch==9.9.9\n# was "),
         "requirements.txt torch==9.9.9"),
     "torch installed after the requirements": (
-        edit("Dockerfile", "pip install torch==2.13.0 && pip install -r requirements.txt",
-             "pip install -r requirements.txt && pip install torch==2.13.0"),
+        edit("Dockerfile", "transformers) pip install --index-url",
+             "transformers) pip install -r requirements.txt && pip install --index-url"),
         "torch is not installed before"),
+    "CUDA_FLAVOR defaults to a flavour torch has no build for": (
+        edit("Dockerfile", "ARG CUDA_FLAVOR=cu126", "ARG CUDA_FLAVOR=cu128"),
+        "ARG CUDA_FLAVOR (before the first FROM) defaults to 'cu128'"),
+    "a base image that is not its flavour's": (
+        edit("Dockerfile", "nvidia/cuda:13.0.2-base-ubuntu22.04 AS cuda-cu130",
+             "nvidia/cuda:12.8.1-base-ubuntu22.04 AS cuda-cu130"),
+        "[transformers, CUDA_FLAVOR=cu130] the image is built on nvidia/cuda:12.8.1"),
+    "a flavour without its stage": (
+        edit("Dockerfile", "FROM nvidia/cuda:13.0.2-base-ubuntu22.04 AS cuda-cu130\n", ""),
+        "the Dockerfile's cuda-<flavour> stages are ['cu126']"),
+    "the runtime image instead of base": (
+        edit("Dockerfile", "12.6.3-base-ubuntu22.04", "12.6.3-runtime-ubuntu22.04", -1),
+        "use the base flavour of nvidia/cuda"),
+    "torch from the default index": (
+        edit("Dockerfile", "transformers) pip install --index-url "
+             "https://download.pytorch.org/whl/${CUDA_FLAVOR}", "transformers) pip install"),
+        "transformers) pip install torch==2.13.0` does not install from "
+        "https://download.pytorch.org/whl/cu126"),
+    "the LAVIS torch index ignores CUDA_FLAVOR": (
+        edit("Dockerfile", "lavis) pip install --index-url https://download.pytorch.org/whl/"
+             "${CUDA_FLAVOR}", "lavis) pip install --index-url "
+             "https://download.pytorch.org/whl/cu126"),
+        "[lavis, CUDA_FLAVOR=cu130] `lavis) pip install --index-url "
+        "https://download.pytorch.org/whl/cu126"),
+    "the base image's CUDA is not checked": (
+        edit("Dockerfile", 'RUN test "cu$(echo "$CUDA_VERSION"',
+             'RUN true || test "cu$(echo "$CUDA_VERSION"'),
+        "the check of the base image's CUDA_VERSION does not stop the build"),
+    "torch's CUDA is not checked": (
+        edit("Dockerfile", '&& test "cu$(echo "$torch_cuda"',
+             '&& true || test "cu$(echo "$torch_cuda"'),
+        "the check of the installed torch's CUDA does not stop the build"),
+    "hub.json allows hosts the image cannot run on": (
+        edit(".runpod/hub.json", '"12.6"', '"12.6",\n      "12.5"'),
+        "allowedCudaVersions is ['13.0', '12.9', '12.8', '12.7', '12.6', '12.5']"),
+    "README's host list drifts": (
+        edit("README.md", "CUDA 12.6, 12.7, 12.8, 12.9 or 13.0", "CUDA 12.8, 12.9 or 13.0"),
+        "README: cu126 runs on hosts ['12.8', '12.9', '13.0']"),
+    "README does not show the other flavour's build arg": (
+        edit("README.md", "--build-arg CUDA_FLAVOR=cu130", "--build-arg CUDA_FLAVOR=cu13", -1),
+        "does not show `--build-arg CUDA_FLAVOR=cu130`"),
     "a copied file is missing": (remove("test_input.json"), "COPY test_input.json: no such"),
     "the fetch runs before builder/ is copied": (
         edit("Dockerfile", "COPY builder/ builder/", "COPY src/ builder-not-here/"),

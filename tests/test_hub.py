@@ -9,6 +9,7 @@ import pytest
 
 import config
 import schema
+import test_dockerfile
 import testlib
 
 HUB = json.loads((testlib.REPO / ".runpod" / "hub.json").read_text())
@@ -20,12 +21,20 @@ INPUT_TYPES = {"string", "number", "boolean", "huggingface"}
 # GPU pools (Pool ID -> memory in GB) and the GPU IDs of 16 GB and more, from the docs' tables.
 POOLS = {"AMPERE_16": 16, "AMPERE_24": 24, "ADA_24": 24, "AMPERE_48": 48, "ADA_48_PRO": 48,
          "AMPERE_80": 80, "ADA_80_PRO": 80, "HOPPER_141": 141}
-GPUS_16GB_UP = {"NVIDIA RTX A4000", "NVIDIA RTX A4500", "NVIDIA RTX A5000", "NVIDIA RTX A6000",
-                "NVIDIA RTX 2000 Ada Generation", "NVIDIA RTX 4000 Ada Generation",
-                "NVIDIA GeForce RTX 4080", "NVIDIA GeForce RTX 4090", "NVIDIA GeForce RTX 5090",
-                "NVIDIA L4", "NVIDIA L40", "NVIDIA L40S", "NVIDIA A40",
-                "NVIDIA A100 80GB PCIe", "NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3",
-                "NVIDIA H100 PCIe", "NVIDIA H200"}
+# The compute capabilities of each pool's GPUs (the docs' pool table: AMPERE_16 is RTX A4000,
+# RTX 4000 Ada and RTX 2000 Ada; AMPERE_24 RTX A4500, A5000, 3090; ADA_24 L4, RTX 4090;
+# AMPERE_48 A40, RTX A6000; ADA_48_PRO L40S, L40, RTX 6000 Ada; AMPERE_80 A100; ADA_80_PRO the
+# H100s; HOPPER_141 H200), and of each GPU ID (NVIDIA's list of CUDA GPUs).
+POOL_CAPABILITIES = {"AMPERE_16": {"8.6", "8.9"}, "AMPERE_24": {"8.6"}, "ADA_24": {"8.9"},
+                     "AMPERE_48": {"8.6"}, "ADA_48_PRO": {"8.9"}, "AMPERE_80": {"8.0"},
+                     "ADA_80_PRO": {"9.0"}, "HOPPER_141": {"9.0"}}
+GPUS_16GB_UP = {"NVIDIA RTX A4000": "8.6", "NVIDIA RTX A4500": "8.6", "NVIDIA RTX A5000": "8.6",
+                "NVIDIA RTX A6000": "8.6", "NVIDIA RTX 2000 Ada Generation": "8.9",
+                "NVIDIA RTX 4000 Ada Generation": "8.9", "NVIDIA GeForce RTX 4080": "8.9",
+                "NVIDIA GeForce RTX 4090": "8.9", "NVIDIA GeForce RTX 5090": "12.0",
+                "NVIDIA L4": "8.9", "NVIDIA L40": "8.9", "NVIDIA L40S": "8.9", "NVIDIA A40": "8.6",
+                "NVIDIA A100 80GB PCIe": "8.0", "NVIDIA A100-SXM4-80GB": "8.0",
+                "NVIDIA H100 80GB HBM3": "9.0", "NVIDIA H100 PCIe": "9.0", "NVIDIA H200": "9.0"}
 MODEL_GB, CUDA_TORCH_GB = 8, 10  # the fp16 model, and CUDA torch + OS in the image
 
 
@@ -109,3 +118,16 @@ def test_hub_tests_run_on_a_supported_gpu_with_the_sample_input():
     accepted({e["key"]: e["value"] for e in cfg.get("env", [])})
     sample = json.loads((testlib.REPO / "test_input.json").read_text())["input"]
     assert TESTS["tests"][0]["input"] == sample  # the same check as `make run`
+
+
+def test_hub_gpus_have_kernels_in_the_default_images_torch():
+    """Every GPU the Hub may pick (its pools, the test GPU) is one the default CUDA flavour's
+    torch is built for: cu126 stops at Hopper (sm_90), so a Blackwell pool would need cu130."""
+    flavor = test_dockerfile.default_cuda_flavor(testlib.REPO)
+    assert flavor in test_dockerfile.CUDA_FLAVORS, flavor
+    pools = HUB["config"]["gpuIds"].split(",")
+    assert set(pools) <= set(POOL_CAPABILITIES), pools
+    unserved = {p: sorted(c for c in POOL_CAPABILITIES[p]
+                          if not test_dockerfile.runs_on(flavor, c)) for p in pools}
+    assert not any(unserved.values()), (flavor, unserved)
+    assert test_dockerfile.runs_on(flavor, GPUS_16GB_UP[TESTS["config"]["gpuTypeId"]])
