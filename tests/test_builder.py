@@ -632,6 +632,20 @@ def test_upgrade_refuses_what_cannot_be_upgraded_saying_why(fixture, edit, reaso
     assert dir_bytes(model_dir) == before  # nothing touched
 
 
+def test_the_worker_names_the_upgrade_for_an_old_layout_directory_and_repo(hub_old):
+    with pytest.raises(modeling.ModelLoadError) as exc:
+        modeling.load_model(str(hub_old), CPU, torch.float32)
+    msg = str(exc.value)
+    assert "BLIP-2 layout from before late 2024" in msg and "no <image> token" in msg
+    assert f"`python builder/fetch_model.py --upgrade {hub_old}`" in msg
+
+    model = Blip2ForConditionalGeneration.from_pretrained(hub_old, dtype=torch.float32)
+    with pytest.raises(modeling.ModelLoadError) as exc:  # BLIP_MODEL=FORK, from the Hub
+        modeling._loaded(model, AutoTokenizer.from_pretrained(hub_old), FORK)
+    assert (f"`python builder/fetch_model.py --model {FORK} --out models/blip2-fork` (which "
+            "upgrades it) and set BLIP_MODEL=models/blip2-fork") in str(exc.value)
+
+
 def test_upgrade_takes_a_directory_alone(tmp_path, capsys):
     assert fm.parse_args(["--upgrade", "m"]).upgrade == Path("m")
     with pytest.raises(SystemExit):
