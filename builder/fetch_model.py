@@ -2,6 +2,7 @@
 
     python builder/fetch_model.py                                   # Salesforce/blip2-opt-2.7b-coco
     python builder/fetch_model.py --model REPO_ID --out DIR [--revision REV] [--keep-staging]
+    python builder/fetch_model.py --upgrade DIR                     # pre-2024 layout, in place
     python builder/fetch_model.py --engine lavis [--cache-dir DIR]  # LAVIS checkpoints instead
 
 Run at Docker build time (one RUN layer: download, convert, delete) and by users; then point
@@ -10,7 +11,8 @@ the worker at the result with ``BLIP_MODEL=DIR``.
 Steps (``--engine transformers``, the default):
 
 1. ``DIR/fetch_manifest.json`` lists a completed conversion whose files are all there with their
-   sizes: print "already present" and exit 0 (no network).
+   sizes: print "already present", upgrade its layout in place if it is old (step 6), and exit
+   0 (no network).
 2. List the repo (huggingface_hub ``snapshot_download(dry_run=True)``): file sizes and the commit.
 3. Check free disk space (fp32 download + fp16 output + a margin) and refuse with the numbers.
 4. Download that commit into a staging dir (``DIR.fp32-download``; huggingface_hub resumes
@@ -24,9 +26,29 @@ Steps (``--engine transformers``, the default):
    fp32 repo in fp16 would keep. Every file is written under ``NAME.partial`` and renamed when
    complete; a rerun keeps finished shards and rewrites the rest. Tokenizer/processor/config
    files are copied; ``config.json`` says ``float16``.
-6. Verify without loading the weights: transformers reads the config and the index, and every
+6. Upgrade a checkpoint saved in the BLIP-2 layout from before late 2024 (older Hub revisions,
+   forks saved with an older transformers): see "Layout upgrade" below. What cannot be upgraded
+   is refused right after the download, before the conversion.
+7. Verify without loading the weights: transformers reads the config and the index, and every
    shard's names, shapes and dtypes match the index and the dtype policy. Then write the
    manifest, print sizes and delete the staging dir (unless ``--keep-staging``).
+
+Layout upgrade. In late 2024 Hugging Face changed the BLIP-2 repos (the transformers PR #34876
+era, so that transformers could drop its legacy code path): the tokenizer gained an ``<image>``
+token (OPT: id 50265, right after the 50265 base tokens, in an embedding table with spare rows),
+``config.json`` gained ``image_token_index`` and the processor config ``num_query_tokens``.
+Without them the worker refuses the checkpoint. The upgrade adds ``<image>`` (special, not
+normalised) at the first id after the tokenizer's tokens, which must be a row the embedding
+table already has (its row count is read off the safetensors header, no weights loaded): the
+weights stay as they are (BLIP-2 writes the query outputs where ``<image>`` stands, so that row
+is never read as input). It sets the two config keys, checks the result by loading the
+tokenizer and config with transformers, and records what it added in the manifest
+(``"upgraded"``). It refuses, saying why, a checkpoint whose tokenizer already uses every row,
+whose ``<image>`` id contradicts ``image_token_index``, whose ``num_query_tokens`` is not 32,
+whose tokenizer splits "\\n", or which is not BLIP-2. ``--upgrade DIR`` does this in place to a
+local directory (no network; idempotent; DIR's manifest, if any, is updated, else
+``layout_upgrade.json`` records it), as does a rerun of the fetch into a directory fetched
+before this step existed.
 
 ``HF_TOKEN`` is used when set (the default repo is public). Exit status: 0 done or already
 present, 1 a clear error on stderr (what is wrong and what to do), 2 bad arguments.
@@ -41,6 +63,7 @@ import re
 import shutil
 import struct
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,10 +119,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--engine", choices=("transformers", "lavis"), default="transformers",
                    help="transformers: download + fp16 conversion (default); lavis: pre-download "
                         "the LAVIS checkpoints with src/engine_lavis.py")
-    p.add_argument("--model", default=DEFAULT_REPO, help=f"Hub repo id (default {DEFAULT_REPO})")
-    p.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+    p.add_argument("--model", default=None, help=f"Hub repo id (default {DEFAULT_REPO})")
+    p.add_argument("--revision", default=None,
+                   help="branch, tag or commit (default: main); older revisions are upgraded to "
+                        "the current BLIP-2 layout")
+    p.add_argument("--out", type=Path, default=None,
                    help=f"directory of the fp16 model (default {DEFAULT_OUT})")
+    p.add_argument("--upgrade", type=Path, default=None, metavar="DIR",
+                   help="upgrade the local model directory DIR in place from the pre-2024 BLIP-2 "
+                        "layout (adds the <image> token and image_token_index); no network")
     p.add_argument("--staging", type=Path, default=None,
                    help=f"fp32 download directory (default: OUT{STAGING_SUFFIX})")
     p.add_argument("--keep-staging", action="store_true",
@@ -107,6 +135,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="--engine lavis only: where the LAVIS checkpoints go")
     args = p.parse_args(argv)
+    if args.upgrade is not None:
+        given = [flag for flag, value in (("--engine lavis", args.engine == "lavis"),
+                                          ("--model", args.model), ("--revision", args.revision),
+                                          ("--out", args.out), ("--staging", args.staging),
+                                          ("--keep-staging", args.keep_staging),
+                                          ("--cache-dir", args.cache_dir)) if value]
+        if given:
+            p.error(f"--upgrade DIR works on DIR alone; drop {', '.join(given)}")
+    if args.model is None:
+        args.model = DEFAULT_REPO
+    if args.out is None:
+        args.out = DEFAULT_OUT
     if args.staging is None:
         args.staging = staging_dir_for(args.out)
     if args.staging.resolve() == args.out.resolve():
@@ -445,7 +485,8 @@ def dtype_counts(plans: dict[str, list[TensorPlan]]) -> dict[str, int]:
 
 
 def write_manifest(out: Path, model: str, revision: str | None, commit: str | None,
-                   keep_modules: list[str], plans: dict[str, list[TensorPlan]]) -> dict:
+                   keep_modules: list[str], plans: dict[str, list[TensorPlan]],
+                   upgraded: dict | None = None) -> dict:
     files = output_files(out)
     manifest = {
         "model": model, "revision": revision or "main", "commit": commit,
@@ -454,6 +495,8 @@ def write_manifest(out: Path, model: str, revision: str | None, commit: str | No
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "written_by": "builder/fetch_model.py",
     }
+    if upgraded is not None:  # what the pre-2024 layout lacked and the fetch added
+        manifest["upgraded"] = upgraded
     atomic_write(out / MANIFEST, lambda f: f.write(json_bytes(manifest)))
     return manifest
 
@@ -491,6 +534,298 @@ def completed_manifest(out: Path, model: str, revision: str | None) -> dict | No
         if not path.is_file() or path.stat().st_size != size:
             return None
     return manifest
+
+
+# ----------------------------------------------------------------------------------------------
+# layout upgrade (BLIP-2 checkpoints saved before late 2024; see the module docstring)
+# ----------------------------------------------------------------------------------------------
+IMAGE_TOKEN = "<image>"
+NUM_QUERY_TOKENS = 32
+BLIP2_MODEL_TYPE = "blip-2"
+BLIP2_ARCH = "Blip2ForConditionalGeneration"
+OLD_LAYOUT = "pre-2024 BLIP-2 layout"
+TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+ADDED_TOKENS = "added_tokens.json"  # written by older transformers' slow tokenizers
+PROCESSOR_CONFIG = "processor_config.json"
+PREPROCESSOR_CONFIG = "preprocessor_config.json"  # the image processor: the old repos' only one
+UPGRADE_RECORD = "layout_upgrade.json"  # --upgrade of a directory without a manifest
+# Input-embedding tensors of BLIP-2's language models (OPT: decoder.embed_tokens, T5: shared).
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "shared.weight")
+# How the Hub's updated BLIP-2 tokenizers (and Blip2Processor) add it: special, not normalised.
+IMAGE_TOKEN_ENTRY = {"content": IMAGE_TOKEN, "single_word": False, "lstrip": False,
+                     "rstrip": False, "normalized": False, "special": True}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a model directory lacks of the current BLIP-2 layout, and how to add it."""
+    missing: tuple[str, ...]  # empty: nothing to upgrade
+    image_token_id: int | None  # <image>'s id after the upgrade
+    add_token: bool  # the tokenizer lacks <image>
+    set_index: bool  # config.json lacks image_token_index
+    processor: str | None  # "add" num_query_tokens to processor_config.json, "create" it, None
+    num_query_tokens: int | None
+    tokens: int  # the tokenizer's size now
+    rows: int | None  # rows of the input embedding table
+    rows_from: str  # where ``rows`` was read
+
+    def added(self) -> dict:
+        added: dict = {}
+        if self.add_token:
+            added[IMAGE_TOKEN] = self.image_token_id
+        if self.set_index:
+            added["image_token_index"] = self.image_token_id
+        if self.processor:
+            added["num_query_tokens"] = self.num_query_tokens
+        return added
+
+
+def json_text(obj) -> bytes:
+    """JSON as tokenizers and transformers write it (indent 2, unicode kept as it is)."""
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def is_embedding(name: str) -> bool:
+    return name.startswith("language_model.") and name.endswith(EMBEDDING_SUFFIXES)
+
+
+def embedding_rows(model_dir: Path, config: dict) -> tuple[int | None, str]:
+    """Rows of the language model's input embedding, from the safetensors header of its tensor
+    (no weights read), else ``text_config.vocab_size``; (None, why) if neither is there."""
+    try:
+        shards, index = source_shards(model_dir)
+    except FetchError:
+        shards, index = [], None
+    if index is not None:  # only the shard that holds it
+        shards = sorted({s for n, s in index.get("weight_map", {}).items() if is_embedding(n)})
+    for shard in shards:
+        try:
+            _, header = read_header(model_dir / shard)
+        except (OSError, ValueError, struct.error):
+            continue
+        for name, info in sorted(header.items()):
+            if is_embedding(name) and isinstance(info, dict) and len(info.get("shape", ())) == 2:
+                return int(info["shape"][0]), f"{name} in {shard}"
+    vocab = (config.get("text_config") or {}).get("vocab_size")
+    if isinstance(vocab, int):
+        return vocab, "text_config.vocab_size"
+    return None, ("no language_model embedding tensor in the safetensors headers and no "
+                  "text_config.vocab_size in config.json")
+
+
+def load_tokenizer(model_dir: Path):
+    import transformers
+    try:
+        return transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FetchError(f"transformers cannot read the tokenizer in {model_dir}: "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+
+
+def inspect_layout(model_dir: Path) -> Layout:
+    """What ``model_dir`` lacks of the current BLIP-2 layout. Raises FetchError, saying why,
+    if it lacks something that cannot be added, or if what it has contradicts itself."""
+    try:
+        config = read_json(model_dir / CONFIG)
+    except (OSError, ValueError) as exc:
+        raise FetchError(f"cannot read {model_dir / CONFIG}: {exc}") from exc
+    tok = load_tokenizer(model_dir)
+    vocab = tok.get_vocab()
+    have = vocab.get(IMAGE_TOKEN)
+    index = config.get("image_token_index")
+    nqt = config.get("num_query_tokens")
+    if have is not None and index is not None and have != index:
+        raise FetchError(f"{model_dir}: the tokenizer has {IMAGE_TOKEN} at id {have}, but "
+                         f"config.json says image_token_index {index}; one of them is wrong, "
+                         "and this tool cannot tell which (fix the checkpoint where it was made)")
+    processor, proc_nqt = None, None
+    if (model_dir / PROCESSOR_CONFIG).is_file():
+        try:
+            proc_nqt = read_json(model_dir / PROCESSOR_CONFIG).get("num_query_tokens")
+        except (OSError, ValueError) as exc:
+            raise FetchError(f"cannot read {model_dir / PROCESSOR_CONFIG}: {exc}") from exc
+        if proc_nqt is None:
+            processor = "add"
+    elif (model_dir / PREPROCESSOR_CONFIG).is_file():
+        processor = "create"  # the old repos had only the image processor's config
+    missing = [what for what, absent in (
+        (f"no {IMAGE_TOKEN} token in the tokenizer", have is None),
+        ("no image_token_index in config.json", index is None),
+        (f"no num_query_tokens in {PROCESSOR_CONFIG}", processor is not None)) if absent]
+    tokens = max(vocab.values()) + 1 if vocab else 0
+    if not missing:
+        return Layout((), have, False, False, None, nqt, tokens, None, "")
+
+    def refuse(why: str) -> FetchError:
+        return FetchError(f"cannot upgrade {model_dir} from the {OLD_LAYOUT} "
+                          f"({', '.join(missing)}): {why}")
+
+    model_type = config.get("model_type")
+    archs = config.get("architectures") or [BLIP2_ARCH]
+    if model_type != BLIP2_MODEL_TYPE or BLIP2_ARCH not in archs:
+        raise refuse(f"it is not a BLIP-2 captioning checkpoint (config.json: model_type "
+                     f"{model_type!r}, architectures {archs}); the worker loads {BLIP2_ARCH} "
+                     "checkpoints only")
+    if nqt != NUM_QUERY_TOKENS:
+        raise refuse(f"config.json says num_query_tokens {nqt}, not {NUM_QUERY_TOKENS}: the "
+                     "worker's BLIP-2 expects 32 query tokens")
+    if proc_nqt is not None and proc_nqt != nqt:
+        raise refuse(f"{PROCESSOR_CONFIG} says num_query_tokens {proc_nqt}, config.json {nqt}")
+    newline = tok("\n", add_special_tokens=False).input_ids
+    if len(newline) != 1:
+        raise refuse(f"the tokenizer splits '\\n' into {len(newline)} tokens, not one: captions "
+                     "end at the newline token (OPT's 50118), so this tokenizer cannot be used")
+    rows, rows_from = embedding_rows(model_dir, config)
+    if rows is None:
+        raise refuse(f"cannot tell how many rows the embedding table has ({rows_from})")
+    if have is not None:
+        image_id = have
+    else:
+        image_id = tokens  # the first id after the tokenizer's tokens
+        if index is not None and index != image_id:
+            raise refuse(f"config.json says image_token_index {index}, but {IMAGE_TOKEN} can only "
+                         f"be added at id {image_id}, the first after the tokenizer's "
+                         f"{tokens} tokens")
+        if image_id >= rows:
+            raise refuse(f"the tokenizer already uses every row of the embedding table "
+                         f"({tokens} tokens, {rows} rows: {rows_from}), so adding {IMAGE_TOKEN} "
+                         "would need a new, untrained row; save the checkpoint with its "
+                         f"{IMAGE_TOKEN} token from the code that trained it")
+    if image_id >= rows:
+        raise refuse(f"{IMAGE_TOKEN} is id {image_id}, outside the embedding table ({rows} rows: "
+                     f"{rows_from})")
+    return Layout(tuple(missing), image_id, have is None, index is None, processor, nqt, tokens,
+                  rows, rows_from)
+
+
+def upgraded_files(model_dir: Path, layout: Layout) -> dict[str, bytes]:
+    """The new contents of the files ``layout`` changes, in the order to write them (tokenizer,
+    then config, then processor: an interrupted upgrade is finished by running it again)."""
+    files: dict[str, bytes] = {}
+    image_id = layout.image_token_id
+    if layout.add_token:
+        fast = model_dir / TOKENIZER_JSON
+        if fast.is_file():
+            data = read_json(fast)
+            data["added_tokens"] = sorted([*data.get("added_tokens", []),
+                                           {"id": image_id, **IMAGE_TOKEN_ENTRY}],
+                                          key=lambda t: t["id"])
+            files[TOKENIZER_JSON] = json_text(data)
+        if (model_dir / TOKENIZER_CONFIG).is_file():
+            data = read_json(model_dir / TOKENIZER_CONFIG)
+            if "added_tokens_decoder" in data or not fast.is_file():
+                data.setdefault("added_tokens_decoder", {})[str(image_id)] = IMAGE_TOKEN_ENTRY
+                files[TOKENIZER_CONFIG] = json_text(data)
+        if (model_dir / ADDED_TOKENS).is_file():
+            files[ADDED_TOKENS] = json_text({**read_json(model_dir / ADDED_TOKENS),
+                                             IMAGE_TOKEN: image_id})
+        if not files:
+            raise FetchError(f"{model_dir} has neither {TOKENIZER_JSON} nor {TOKENIZER_CONFIG}: "
+                             f"nowhere to add {IMAGE_TOKEN}")
+    if layout.set_index:
+        files[CONFIG] = json_bytes({**read_json(model_dir / CONFIG), "image_token_index": image_id})
+    if layout.processor == "add":
+        files[PROCESSOR_CONFIG] = json_bytes({**read_json(model_dir / PROCESSOR_CONFIG),
+                                              "num_query_tokens": layout.num_query_tokens})
+    elif layout.processor == "create":  # as the updated Hub repos have it
+        files[PROCESSOR_CONFIG] = json_bytes({"num_query_tokens": layout.num_query_tokens,
+                                              "processor_class": "Blip2Processor"})
+    return files
+
+
+def check_upgraded(model_dir: Path, files: dict[str, bytes], layout: Layout) -> None:
+    """Load the tokenizer and config of ``model_dir`` with ``files`` replaced, in a temporary
+    copy (no weights): ``<image>`` is one special token at its id, every other text is tokenized
+    as before, the config points at it. Raises FetchError."""
+    import transformers
+    before = load_tokenizer(model_dir)
+    with tempfile.TemporaryDirectory(prefix="blip2-upgrade-") as tmp:
+        tmp_dir = Path(tmp)
+        for path in side_files(model_dir):
+            shutil.copyfile(path, tmp_dir / path.name)
+        for name, data in files.items():
+            (tmp_dir / name).write_bytes(data)
+        tok = load_tokenizer(tmp_dir)
+        config = transformers.AutoConfig.from_pretrained(tmp_dir, local_files_only=True)
+    image_id = layout.image_token_id
+    problems = []
+    if tok.get_vocab().get(IMAGE_TOKEN) != image_id:
+        problems.append(f"the tokenizer has {IMAGE_TOKEN} at {tok.get_vocab().get(IMAGE_TOKEN)}")
+    if tok(IMAGE_TOKEN, add_special_tokens=False).input_ids != [image_id] \
+            or tok.decode([image_id], skip_special_tokens=True) != "":
+        problems.append(f"{IMAGE_TOKEN} is not read as one special token")
+    text = "a photo of a cat\n"
+    if tok(text).input_ids != before(text).input_ids:
+        problems.append("other text is tokenized differently")
+    plain = before(text, add_special_tokens=False).input_ids
+    if tok(IMAGE_TOKEN + text, add_special_tokens=False).input_ids != [image_id, *plain]:
+        problems.append(f"{IMAGE_TOKEN} before a text is not split off as one token")
+    if config.image_token_index != image_id:
+        problems.append(f"config.image_token_index reads {config.image_token_index}")
+    if problems:
+        raise FetchError(f"the upgrade of {model_dir} did not come out right ("
+                         + "; ".join(problems) + "); nothing was changed")
+
+
+def apply_upgrade(model_dir: Path, layout: Layout, log: Callable[[str], None] = print) -> dict:
+    """Upgrade ``model_dir`` as ``layout`` says (checked first in a temporary copy); returns the
+    record for the manifest."""
+    files = upgraded_files(model_dir, layout)
+    check_upgraded(model_dir, files, layout)
+    for name, data in files.items():
+        atomic_write(model_dir / name, lambda f, data=data: f.write(data))
+    added = layout.added()
+    log(f"upgraded {model_dir} from the {OLD_LAYOUT}: added "
+        + ", ".join(f"{k} = {v}" for k, v in added.items())
+        + (f" ({layout.tokens} tokens before, {layout.rows} embedding rows)"
+           if layout.add_token else ""))
+    return {"from": OLD_LAYOUT, "missing": list(layout.missing), "added": added,
+            "tokenizer_size_before": layout.tokens, "embedding_rows": layout.rows,
+            "embedding_rows_from": layout.rows_from, "files": sorted(files)}
+
+
+def upgrade_in_place(model_dir: Path, by: str, layout: Layout | None = None) -> dict | None:
+    """Upgrade the finished model directory ``model_dir`` if it needs it, and record it: in its
+    manifest (sizes kept current, so ``completed_manifest`` still accepts it) or, without one,
+    in ``layout_upgrade.json``. Returns the record, None if there was nothing to do."""
+    layout = layout or inspect_layout(model_dir)
+    if not layout.missing:
+        return None
+    record = {**apply_upgrade(model_dir, layout),
+              "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "by": by}
+    try:
+        manifest = read_json(model_dir / MANIFEST)
+    except (OSError, ValueError):
+        manifest = None
+    if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict):
+        files = dict(manifest["files"])
+        files.update({name: (model_dir / name).stat().st_size for name in record["files"]})
+        manifest.update(files=files, total_bytes=sum(files.values()), upgraded=record)
+        atomic_write(model_dir / MANIFEST, lambda f: f.write(json_bytes(manifest)))
+    else:
+        atomic_write(model_dir / UPGRADE_RECORD, lambda f: f.write(json_bytes(
+            {"upgraded": record, "written_by": "builder/fetch_model.py"})))
+    return record
+
+
+def upgrade_directory(model_dir: Path) -> int:
+    """``--upgrade DIR``: upgrade a local model directory in place (no network)."""
+    if not model_dir.is_dir():
+        raise FetchError(f"--upgrade {model_dir}: no such directory")
+    if not (model_dir / CONFIG).is_file():
+        raise FetchError(f"--upgrade {model_dir}: no {CONFIG} there, so it is not a model "
+                         "directory")
+    if (model_dir / PENDING).exists():
+        raise FetchError(f"{model_dir} holds an unfinished fetch; rerun that fetch_model.py "
+                         "command (it upgrades the layout when it finishes)")
+    layout = inspect_layout(model_dir)
+    if not layout.missing:
+        print(f"nothing to do: {model_dir} already has the current BLIP-2 layout "
+              f"({IMAGE_TOKEN} = id {layout.image_token_id} = config.image_token_index)")
+        return 0
+    upgrade_in_place(model_dir, "builder/fetch_model.py --upgrade", layout)
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -554,6 +889,8 @@ def fetch_transformers(args: argparse.Namespace) -> int:
     if done is not None:
         print(f"already present: {out} ({done['model']}@{done['commit']}, "
               f"{gb(done['total_bytes'])}); delete it to fetch again")
+        # fetched before this tool upgraded old layouts: upgrade it now (no network)
+        upgrade_in_place(out, "builder/fetch_model.py (already present)")
         return 0
     commit, files = list_remote(args.model, args.revision, staging)
     weights = sum(f.size for f in files if f.name.endswith(".safetensors"))
@@ -562,11 +899,16 @@ def fetch_transformers(args: argparse.Namespace) -> int:
     claim_output(out, args.model)
     print(f"downloading {args.model}@{commit} ({gb(weights)} of fp32 weights) into {staging}")
     src = download(args.model, commit, staging)
+    layout = inspect_layout(src)  # refuses what cannot be upgraded before the long conversion
+    if layout.missing:
+        print(f"{args.model}@{commit} is in the {OLD_LAYOUT} ({', '.join(layout.missing)}): "
+              "it will be upgraded after the conversion")
     keep = keep_fp32_modules(src)
     print(f"converting to float16 in {out} (kept in float32: {', '.join(keep) or 'nothing'})")
     plans = convert_checkpoint(src, out, keep)
+    upgraded = apply_upgrade(out, layout) if layout.missing else None
     verify_output(out, plans)
-    manifest = write_manifest(out, args.model, args.revision, commit, keep, plans)
+    manifest = write_manifest(out, args.model, args.revision, commit, keep, plans, upgraded)
     (out / PENDING).unlink(missing_ok=True)
     print(f"done: {out} holds {gb(manifest['total_bytes'])} in {len(manifest['files'])} files "
           f"(tensors: {manifest['tensors']}); the fp32 download was {gb(dir_bytes(src))}")
@@ -597,6 +939,8 @@ def fetch_lavis(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if args.upgrade is not None:
+            return upgrade_directory(args.upgrade)
         if args.engine == "lavis":
             return fetch_lavis(args)
         return fetch_transformers(args)

@@ -221,14 +221,39 @@ def _loaded(model, tok, model_id: str) -> LoadedModel:
     return loaded
 
 
+def old_layout(m: LoadedModel) -> str | None:
+    """What ``m`` lacks if it was saved in the BLIP-2 layout from before late 2024 (when the Hub
+    repos gained an ``<image>`` token and ``image_token_index``), else None."""
+    missing = []
+    if IMAGE_TOKEN not in m.tokenizer.get_vocab():
+        missing.append(f"no {IMAGE_TOKEN} token in the tokenizer")
+    if m.model.config.image_token_index is None:
+        missing.append("no image_token_index in config.json")
+    return ", ".join(missing) or None
+
+
+def upgrade_message(source: str, missing: str) -> str:
+    """How to fix an old-layout checkpoint: builder/fetch_model.py upgrades it."""
+    if os.path.isdir(source):
+        fix = (f"Upgrade it in place with `python builder/fetch_model.py --upgrade {source}` "
+               "(no download)")
+    else:
+        local = "models/" + source.rstrip("/").split("/")[-1]  # as missing_weights_message
+        fix = (f"Fetch it with `python builder/fetch_model.py --model {source} --out {local}` "
+               f"(which upgrades it) and set BLIP_MODEL={local}")
+    return (f"{source} was saved in the BLIP-2 layout from before late 2024 ({missing}), "
+            f"which current transformers does not caption with. {fix}.")
+
+
 def check_invariants(m: LoadedModel) -> None:
     """transformers silently ignores the image when these do not hold; fail loudly instead."""
     cfg = m.model.config
     problems = []
+    old = old_layout(m)
     if cfg.num_query_tokens != NUM_QUERY_TOKENS:
         problems.append(f"num_query_tokens is {cfg.num_query_tokens}, expected 32")
-    if cfg.image_token_index is None:
-        problems.append("config.image_token_index is not set")
+    if old:
+        pass  # below: the fix is an upgrade, not a re-download
     elif m.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != cfg.image_token_index:
         problems.append(f"the tokenizer's {IMAGE_TOKEN} id differs from config.image_token_index "
                         f"({cfg.image_token_index})")
@@ -236,6 +261,10 @@ def check_invariants(m: LoadedModel) -> None:
         problems.append("config.image_token_index is outside the embedding table")
     if m.pad_token_id is None:
         problems.append("the tokenizer has no pad token")
+    if old and not problems and m.model_id not in (TINY, RANDOM_FULL):
+        raise ModelLoadError(upgrade_message(m.model_id, old))
+    if old:
+        problems.append(f"it is in the pre-2024 BLIP-2 layout ({old})")
     if problems:
         raise ModelLoadError(f"{m.model_id} is not a usable BLIP-2 captioning checkpoint: "
                              + "; ".join(problems) + ". Re-download it with builder/fetch_model.py.")

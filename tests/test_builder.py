@@ -384,6 +384,278 @@ def test_verification_checks_shapes_dtypes_and_sizes_against_the_plan(hub, fetch
 
 
 # ----------------------------------------------------------------------------------------------
+# the BLIP-2 layout from before late 2024: upgraded by the fetch and by --upgrade DIR
+# ----------------------------------------------------------------------------------------------
+FORK = "someone/blip2-fork"
+TOKENS = 260  # the tiny tokenizer without <image>: 4 specials + 256 bytes
+ROWS = 264  # like OPT's table (50272 rows for 50265 tokens), rows no token uses
+PREPROCESSOR = {"do_normalize": True, "do_resize": True, "image_processor_type":
+                "BlipImageProcessor", "processor_class": "Blip2Processor",
+                "size": {"height": 364, "width": 364}}
+PROCESSOR = {"num_query_tokens": 32, "processor_class": "Blip2Processor"}  # as the Hub has it
+
+
+def save_current_layout(root: Path, rows: int) -> Path:
+    """The tiny model with ``rows`` embedding rows, saved by transformers in shards, with the
+    processor files of the updated Hub repos: the layout from late 2024 on."""
+    tiny = modeling.build_tiny(CPU, torch.float32)
+    torch.manual_seed(1)  # the new rows' values
+    tiny.model.resize_token_embeddings(rows, mean_resizing=False)
+    assert tiny.model.config.text_config.vocab_size == rows
+    tiny.model.save_pretrained(root, max_shard_size="100KB")
+    tiny.tokenizer.save_pretrained(root)
+    (root / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
+    (root / "processor_config.json").write_text(json.dumps(PROCESSOR))
+    return root
+
+
+def to_old_layout(src: Path, dst: Path) -> Path:
+    """A copy of ``src`` as the Hub repos were before late 2024 (and forks saved then): no
+    <image> in the tokenizer files, no image_token_index, only the image processor's config."""
+    shutil.copytree(src, dst)
+    for name in ("tokenizer.json", "tokenizer_config.json", "added_tokens.json",
+                 "special_tokens_map.json"):
+        path = dst / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        if "added_tokens" in data:
+            data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "<image>"]
+        for key in ("added_tokens_decoder", "extra_special_tokens"):
+            if isinstance(data.get(key), dict):
+                data[key] = {k: v for k, v in data[key].items()
+                             if k != "<image>" and v != "<image>"
+                             and not (isinstance(v, dict) and v.get("content") == "<image>")}
+        data.pop("<image>", None)
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False))
+    cfg = json.loads((dst / "config.json").read_text())
+    del cfg["image_token_index"]
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    (dst / "processor_config.json").unlink()
+    for path in dst.iterdir():  # nothing else that transformers 5 wrote names them
+        if path.suffix == ".json":
+            assert "<image>" not in path.read_text() and "image_token_index" not in \
+                path.read_text(), path.name
+    return dst
+
+
+def edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}, indent=2))
+
+
+def dir_bytes(model_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(model_dir.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def hub_new(tmp_path_factory) -> Path:
+    return save_current_layout(tmp_path_factory.mktemp("hub-new") / "repo", ROWS)
+
+
+@pytest.fixture(scope="module")
+def hub_old(hub_new, tmp_path_factory) -> Path:
+    return to_old_layout(hub_new, tmp_path_factory.mktemp("hub-old") / "repo")
+
+
+@pytest.fixture(scope="module")
+def hub_full(tmp_path_factory) -> Path:
+    """Old layout whose tokenizer already uses every embedding row: not upgradeable."""
+    new = save_current_layout(tmp_path_factory.mktemp("hub-full") / "new", TOKENS)
+    return to_old_layout(new, new.with_name("repo"))
+
+
+@pytest.fixture(scope="module")
+def fetched_new(hub_new, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("models-new") / "blip2"
+    assert run_main(hub_new, "--model", FORK, "--out", str(out))[0] == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def fetched_old(hub_old, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("models-old") / "blip2"
+    assert run_main(hub_old, "--model", FORK, "--revision", "v1.0", "--out", str(out))[0] == 0
+    return out
+
+
+def test_fetch_upgrades_the_old_layout_to_the_current_one_and_only_the_old(
+        hub_new, fetched_new, fetched_old, fetched):
+    upgraded = json.loads((fetched_old / fm.MANIFEST).read_text())["upgraded"]
+    assert upgraded["from"] == "pre-2024 BLIP-2 layout"
+    assert upgraded["added"] == {"<image>": TOKENS, "image_token_index": TOKENS,
+                                 "num_query_tokens": 32}
+    assert (upgraded["tokenizer_size_before"], upgraded["embedding_rows"]) == (TOKENS, ROWS)
+    assert fm.completed_manifest(fetched_old, FORK, "v1.0") is not None  # sizes are current
+    # The upgraded files are those of the current layout (JSON-equal; the weights were equal).
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "processor_config.json",
+                 "preprocessor_config.json"):
+        assert json.loads((fetched_old / name).read_text()) == \
+            json.loads((fetched_new / name).read_text()), name
+    old_tok, new_tok = (AutoTokenizer.from_pretrained(d) for d in (fetched_old, fetched_new))
+    assert old_tok.get_vocab() == new_tok.get_vocab() and old_tok.get_vocab()["<image>"] == TOKENS
+    added = old_tok.added_tokens_decoder[TOKENS]
+    assert (added.content, added.special, added.normalized) == ("<image>", True, False)
+    # The current layout is fetched as it was before: nothing upgraded, the files as the Hub's.
+    for out in (fetched_new, fetched[0]):
+        assert "upgraded" not in json.loads((out / fm.MANIFEST).read_text())
+    for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json"):
+        assert (fetched_new / name).read_bytes() == (hub_new / name).read_bytes()
+
+
+def test_the_upgraded_fetch_loads_in_the_worker_and_captions_like_the_current_layout(
+        fetched_new, fetched_old):
+    engines = []
+    for out in (fetched_old, fetched_new):
+        loaded = modeling.load_model(str(out), CPU, torch.float32)
+        assert loaded.image_token_id == TOKENS
+        assert loaded.model.get_input_embeddings().num_embeddings == ROWS
+        engines.append(TransformersEngine(config.defaults(), CPU, torch.float32, loaded))
+    imgs = images()
+    for params in (GREEDY, BEAMS):
+        old, new = ([r.captions for r in e.caption(imgs, params)] for e in engines)
+        assert old == new
+        assert len(set(map(tuple, old))) == len(imgs)  # the image matters: not a dead model
+
+
+def test_a_fetch_that_cannot_be_upgraded_is_refused_before_the_conversion(hub_full, tmp_path,
+                                                                          capsys):
+    out = tmp_path / "full"
+    rc, fake = run_main(hub_full, "--out", str(out))
+    assert rc == 1 and [c["dry_run"] for c in fake.calls] == [True, False]
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot upgrade ") and "pre-2024 BLIP-2 layout" in err
+    assert f"already uses every row of the embedding table ({TOKENS} tokens, {TOKENS} rows" in err
+    assert "new, untrained row" in err
+    assert not list(out.glob("*.safetensors")) and not (out / fm.MANIFEST).exists()
+
+
+def old_manifest_dir(fetched_new: Path, tmp_path: Path) -> Path:
+    """A directory fetched from an old-layout repo before the tool upgraded layouts: old files,
+    and a manifest that lists them at their sizes (no "upgraded")."""
+    model_dir = to_old_layout(fetched_new, tmp_path / "fetched-before")
+    manifest = json.loads((model_dir / fm.MANIFEST).read_text())
+    manifest["files"] = fm.output_files(model_dir)
+    manifest["total_bytes"] = sum(manifest["files"].values())
+    (model_dir / fm.MANIFEST).write_text(json.dumps(manifest))
+    assert fm.completed_manifest(model_dir, FORK, None) is not None
+    return model_dir
+
+
+@pytest.mark.parametrize("how", ["--upgrade", "rerun of the fetch"])
+def test_a_directory_fetched_before_is_upgraded_in_place_and_its_manifest_updated(
+        how, hub_old, fetched_new, tmp_path, capsys):
+    model_dir = old_manifest_dir(fetched_new, tmp_path)
+    if how == "--upgrade":
+        assert fm.main(["--upgrade", str(model_dir)]) == 0
+    else:
+        rc, fake = run_main(hub_old, "--model", FORK, "--out", str(model_dir))
+        assert rc == 0 and fake.calls == []  # no network
+    assert "upgraded" in capsys.readouterr().out
+    manifest = json.loads((model_dir / fm.MANIFEST).read_text())
+    assert manifest["upgraded"]["added"]["<image>"] == TOKENS
+    assert manifest["files"] == fm.output_files(model_dir)  # processor_config.json added
+    assert fm.completed_manifest(model_dir, FORK, None) is not None
+    assert not (model_dir / "layout_upgrade.json").exists()
+    assert dir_bytes(model_dir).keys() == dir_bytes(fetched_new).keys()
+    assert modeling.load_model(str(model_dir), CPU, torch.float32).image_token_id == TOKENS
+
+
+def test_upgrade_dir_of_a_fork_without_manifest_records_it_and_is_idempotent(hub_old, hub_new,
+                                                                           tmp_path, capsys):
+    fork = tmp_path / "fork"
+    shutil.copytree(hub_old, fork)  # saved by an older transformers: fp32, no manifest
+    assert fm.main(["--upgrade", str(fork)]) == 0
+    assert "upgraded" in capsys.readouterr().out
+    for name in ("config.json", "tokenizer.json", "processor_config.json"):
+        assert json.loads((fork / name).read_text()) == json.loads((hub_new / name).read_text())
+    record = json.loads((fork / "layout_upgrade.json").read_text())["upgraded"]
+    assert record["by"] == "builder/fetch_model.py --upgrade"
+    assert sorted(record["files"]) == ["config.json", "processor_config.json", "tokenizer.json"]
+    assert not (fork / fm.MANIFEST).exists()
+    assert modeling.load_model(str(fork), CPU, torch.float32).image_token_id == TOKENS
+
+    before = {p.name: p.stat().st_mtime_ns for p in fork.iterdir()}
+    assert fm.main(["--upgrade", str(fork)]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in fork.iterdir()} == before
+
+
+def test_upgrade_adds_the_token_to_every_tokenizer_file_that_lists_added_tokens(hub_old,
+                                                                                tmp_path):
+    """Forks saved with transformers 4.34-4.46 list added tokens in tokenizer_config.json too,
+    older slow tokenizers in added_tokens.json."""
+    fork = tmp_path / "fork"
+    shutil.copytree(hub_old, fork)
+    specials = {str(t["id"]): {k: v for k, v in t.items() if k != "id"}
+                for t in json.loads((fork / "tokenizer.json").read_text())["added_tokens"]}
+    edit_json(fork / "tokenizer_config.json", added_tokens_decoder=specials)
+    (fork / "added_tokens.json").write_text("{}")
+    assert fm.main(["--upgrade", str(fork)]) == 0
+    entry = json.loads((fork / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    assert entry[str(TOKENS)] == {"content": "<image>", "single_word": False, "lstrip": False,
+                                  "rstrip": False, "normalized": False, "special": True}
+    assert json.loads((fork / "added_tokens.json").read_text()) == {"<image>": TOKENS}
+    record = json.loads((fork / "layout_upgrade.json").read_text())["upgraded"]
+    assert {"tokenizer_config.json", "added_tokens.json", "tokenizer.json"} <= set(record["files"])
+    assert modeling.load_model(str(fork), CPU, torch.float32).image_token_id == TOKENS
+
+
+def rename_newline(model_dir: Path) -> None:
+    tok = json.loads((model_dir / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["<nl>"] = tok["model"]["vocab"].pop("\u010a")  # "\n" has no token
+    (model_dir / "tokenizer.json").write_text(json.dumps(tok))
+
+
+@pytest.mark.parametrize("fixture,edit,reason", [
+    ("hub_full", None, f"already uses every row of the embedding table ({TOKENS} tokens, "
+                       f"{TOKENS} rows: language_model.model.decoder.embed_tokens.weight in "),
+    ("hub_new", lambda d: edit_json(d / "config.json", image_token_index=5),
+     f"the tokenizer has <image> at id {TOKENS}, but config.json says image_token_index 5"),
+    ("hub_old", lambda d: edit_json(d / "config.json", image_token_index=ROWS - 1),
+     f"image_token_index {ROWS - 1}, but <image> can only be added at id {TOKENS}"),
+    ("hub_old", lambda d: edit_json(d / "config.json", num_query_tokens=16),
+     "num_query_tokens 16, not 32"),
+    ("hub_old", lambda d: edit_json(d / "config.json", model_type="opt"),
+     "not a BLIP-2 captioning checkpoint"),
+    ("hub_old", rename_newline, "splits '\\n' into 0 tokens, not one"),
+])
+def test_upgrade_refuses_what_cannot_be_upgraded_saying_why(fixture, edit, reason, request,
+                                                            tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    shutil.copytree(request.getfixturevalue(fixture), model_dir)
+    if edit:
+        edit(model_dir)
+    before = dir_bytes(model_dir)
+    assert fm.main(["--upgrade", str(model_dir)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and reason in err, err
+    assert dir_bytes(model_dir) == before  # nothing touched
+
+
+def test_the_worker_names_the_upgrade_for_an_old_layout_directory_and_repo(hub_old):
+    with pytest.raises(modeling.ModelLoadError) as exc:
+        modeling.load_model(str(hub_old), CPU, torch.float32)
+    msg = str(exc.value)
+    assert "BLIP-2 layout from before late 2024" in msg and "no <image> token" in msg
+    assert f"`python builder/fetch_model.py --upgrade {hub_old}`" in msg
+
+    model = Blip2ForConditionalGeneration.from_pretrained(hub_old, dtype=torch.float32)
+    with pytest.raises(modeling.ModelLoadError) as exc:  # BLIP_MODEL=FORK, from the Hub
+        modeling._loaded(model, AutoTokenizer.from_pretrained(hub_old), FORK)
+    assert (f"`python builder/fetch_model.py --model {FORK} --out models/blip2-fork` (which "
+            "upgrades it) and set BLIP_MODEL=models/blip2-fork") in str(exc.value)
+
+
+def test_upgrade_takes_a_directory_alone(tmp_path, capsys):
+    assert fm.parse_args(["--upgrade", "m"]).upgrade == Path("m")
+    with pytest.raises(SystemExit):
+        fm.parse_args(["--upgrade", "m", "--out", "x"])
+    assert "drop --out" in capsys.readouterr().err
+    assert fm.main(["--upgrade", str(tmp_path / "nothing")]) == 1
+    assert "no such directory" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
 # disk space
 # ----------------------------------------------------------------------------------------------
 def test_disk_needs_on_one_filesystem_and_on_two():
