@@ -134,8 +134,8 @@ def test_progress_updates_show_in_status_while_in_progress(sim, worker, ep):
     assert len(texts) >= 2, f"a job of {images} images in batches of {BATCH}: {texts}"
     assert all(total in (None, images) for _, total in parsed), texts
     assert any(total == images for _, total in parsed), f"no 'captioned k/{images}': {texts}"
-    done = [k for k, _ in parsed]
-    assert done == sorted(done) and done[-1] <= images, texts
+    # not checked: their order (runpod posts each from its own new thread, so two can swap)
+    assert all(0 < k <= images for k, _ in parsed), texts
     during = [out for st, out in seen if st == "IN_PROGRESS" and out is not None]
     assert during, f"/status never showed a progress update while IN_PROGRESS: {seen}"
     assert set(during) <= set(texts), (during, texts)
