@@ -17,8 +17,8 @@ caption is the continuation without the prompt, stripped (``include_prompt`` pre
 ``max_length`` / ``min_length`` count new caption tokens; eos is "\\n"; sampling forces one
 beam; fp16 on CUDA (``BLIP_DTYPE`` overrides), fp32 on CPU. Results do not depend on the batch.
 
-Decoding (``BLIP_DECODER``): ``fast`` (default) runs ``fastgen.FastGenerator``, which prefills
-each image's prompt once and shares it across beams — the same tokens as transformers'
+Decoding (``BLIP_DECODER``): ``fast`` (default) runs ``generation.FastGenerator``, which
+prefills each image's prompt once and shares it across beams — the same tokens as transformers'
 ``generate``, which ``hf`` runs.
 
 Memory: every batch runs under ``torch.inference_mode()``. On ``torch.cuda.OutOfMemoryError``
@@ -284,18 +284,18 @@ class TransformersEngine(BaseEngine):
         self.device_collate = self._pin
         self.fast = None
         if cfg.decoder == "fast":
-            import fastgen
-            if fastgen.supports(self.model):
+            import generation
+            if generation.supports(self.model):
                 graphs = cfg.cuda_graphs and device.type == "cuda"
                 # step buffers kept for graph replay: at most 15% of the GPU's memory
                 budget = (torch.cuda.get_device_properties(device).total_memory * 15 // 100
                           if graphs else 0)
                 # overlap (queue the next step before reading whether to stop) pays on a GPU;
                 # on a CPU it would only add one wasted step per batch
-                self.fast = fastgen.FastGenerator(self.model, loaded.eos_token_id,
-                                                  loaded.pad_token_id, cuda_graphs=graphs,
-                                                  graph_memory_bytes=budget,
-                                                  overlap=device.type == "cuda")
+                self.fast = generation.FastGenerator(self.model, loaded.eos_token_id,
+                                                     loaded.pad_token_id, cuda_graphs=graphs,
+                                                     graph_memory_bytes=budget,
+                                                     overlap=device.type == "cuda")
             else:
                 log.warning("BLIP_DECODER=fast does not support this language model; "
                             "using transformers' generate")
