@@ -6,7 +6,7 @@ import config
 import engine as engine_mod
 import generation
 import preprocess
-from generation.graphs import _EncodeGraph
+from generation.workspace import EncodeGraph
 from params import GenerationParams as G
 from test_engine import distinct_images
 
@@ -112,7 +112,7 @@ def test_encoder_graph_inputs_pad_a_small_batch_without_changing_it(eng, batch):
     assert ws.images == 4 and ws.length > ids.shape[1]  # a padded shape
     want = gen._encode(pxn[:b], ids[:b], mask[:b], ws)
     want_prefix = ws.prefix[:, :b].clone()
-    enc = _EncodeGraph(
+    enc = EncodeGraph(
         pixels=torch.full((4, *pxn.shape[1:]), float("nan")),
         ids=torch.full((4, ws.length), -1), mask=torch.full((4, ws.length), -1),
         valid=torch.zeros(4, dtype=torch.long), logits=torch.zeros(4, 1))

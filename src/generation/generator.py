@@ -1,0 +1,42 @@
+"""``FastGenerator``: the fast decoder's entry point, which runs the search over the model's
+steps on the workspace of each batch."""
+from __future__ import annotations
+
+import torch
+
+from params import GenerationParams
+
+from .graphs import GraphRunner
+from .opt import supports
+from .search import Search
+
+
+class FastGenerator(GraphRunner, Search):
+    def __init__(self, model, eos_token_id: int, pad_token_id: int, cuda_graphs: bool = False,
+                 bucket: bool | None = None, graph_memory_bytes: int = 0,
+                 overlap: bool = True, encode_graphs: bool = True, fuse_qkv: bool = True):
+        if not supports(model):
+            raise ValueError("FastGenerator needs a BLIP-2 model with an OPT decoder")
+        super().__init__(model, pad_token_id, cuda_graphs, bucket, graph_memory_bytes,
+                         encode_graphs, fuse_qkv)
+        self.eos = eos_token_id
+        suppress = self.lm.generation_config.suppress_tokens or []
+        self.suppress = torch.tensor(sorted(suppress), dtype=torch.long) if suppress else None
+        self._suppress_on: dict[torch.device, torch.Tensor] = {}
+        # overlap: queue step t's decoder pass before reading whether the search stopped at t
+        # (one wasted pass at the end instead of a host/GPU round trip at every step)
+        self.overlap = overlap
+
+    @torch.inference_mode()
+    def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor, params: GenerationParams) -> list[list[int]]:
+        """New token ids per output row (image-major: ``num_captions`` rows per image)."""
+        sampling = params.use_nucleus_sampling or params.effective_beams == 1
+        per_image = (params.num_captions if params.use_nucleus_sampling else 1) if sampling \
+            else params.num_beams
+        ws = self._workspace(input_ids.shape[0], per_image, input_ids.shape[1],
+                             params.max_length, self.decoder.embed_tokens.weight)
+        prefix = self._encode(pixel_values, input_ids, attention_mask, ws)
+        if sampling:
+            return self._sample(ws, prefix, input_ids, params, per_image)
+        return self._beam_search(ws, prefix, input_ids, params)
