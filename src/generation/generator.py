@@ -6,12 +6,12 @@ import torch
 
 from params import GenerationParams
 
+from . import search
 from .graphs import GraphRunner
 from .opt import supports
-from .search import Search
 
 
-class FastGenerator(GraphRunner, Search):
+class FastGenerator(GraphRunner):
     def __init__(self, model, eos_token_id: int, pad_token_id: int, cuda_graphs: bool = False,
                  bucket: bool | None = None, graph_memory_bytes: int = 0,
                  overlap: bool = True, encode_graphs: bool = True, fuse_qkv: bool = True):
@@ -37,6 +37,21 @@ class FastGenerator(GraphRunner, Search):
         ws = self._workspace(input_ids.shape[0], per_image, input_ids.shape[1],
                              params.max_length, self.decoder.embed_tokens.weight)
         prefix = self._encode(pixel_values, input_ids, attention_mask, ws)
+        special = search.SpecialTokens(self.eos, self.pad, self._suppressed(prefix.logits.device))
+
+        def step(tokens: torch.Tensor, positions: torch.Tensor, t: int) -> torch.Tensor:
+            return self._run_step(ws, tokens, positions, t)
         if sampling:
-            return self._sample(ws, prefix, input_ids, params, per_image)
-        return self._beam_search(ws, prefix, input_ids, params)
+            return search.sample(step, prefix, input_ids, params, per_image, special,
+                                 self.overlap)
+        return search.beam_search(step, ws.follow_beams, prefix, input_ids, params, special,
+                                  self.overlap)
+
+    def _suppressed(self, device: torch.device) -> torch.Tensor | None:
+        """The model's ``suppress_tokens`` on ``device`` (copied there once)."""
+        if self.suppress is None:
+            return None
+        ids = self._suppress_on.get(device)
+        if ids is None:
+            ids = self._suppress_on[device] = self.suppress.to(device)
+        return ids

@@ -33,6 +33,15 @@ class Workspace:
     bias_table: torch.Tensor = field(default=None)  # (steps, 1, 1, 1, steps)
     encoder: "EncodeGraph | None" = None
 
+    def follow_beams(self, parents: torch.Tensor, t: int) -> None:
+        """Beam search's reordering: each row's first ``t`` generated keys and values become
+        those of its parent beam (``parents``: (images, beams), real images only), all layers
+        at once."""
+        b, k = parents.shape
+        hist = self.gen[:, :, :b, :, :, :t]
+        parents = parents.view(1, 1, b, 1, k, 1, 1).expand(hist.shape)
+        hist.copy_(hist.gather(4, parents))
+
 
 @dataclass(eq=False)
 class EncodeGraph:
