@@ -4,6 +4,7 @@ prefill (``_encode_graph``) on them."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -123,27 +124,41 @@ class GraphRunner(OptModel):
             return True
         if ws not in self._cache.values():
             return False
+
+        def warm_up() -> None:
+            for _ in range(2):
+                self._step_static(ws)
+
+        def failed() -> None:
+            self.graph_failures += 1
+            self.cuda_graphs = self.graph_failures < 3  # a device that cannot capture: stop
+        ws.graph = self._capture(warm_up, lambda: self._step_static(ws), failed)
+        return ws.graph is not None
+
+    def _capture(self, warm_up: Callable[[], None], record: Callable[[], None],
+                 failed: Callable[[], None]) -> torch.cuda.CUDAGraph | None:
+        """A CUDA graph of ``record()``, captured in the generator's one memory pool after
+        ``warm_up()`` has run on a side stream; None where capture fails (``failed()`` has
+        counted it), and the caller runs eagerly. Both graphs, the step's and the encoder's,
+        are captured here."""
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._step_static(ws)
+                warm_up()
             torch.cuda.current_stream().wait_stream(side)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                self._step_static(ws)
-            ws.graph = graph
-            return True
+                record()
+            return graph
         except torch.OutOfMemoryError:
             raise  # not a capture problem: the engine's fallback halves the batch
         except Exception:  # noqa: BLE001 - a capture failure must never fail a caption
-            self.graph_failures += 1
-            self.cuda_graphs = self.graph_failures < 3  # a device that cannot capture: stop
+            failed()
             torch.cuda.synchronize()
-            return False
+            return None
 
     def _encode(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor, ws: Workspace) -> Prefix:
@@ -194,28 +209,22 @@ class GraphRunner(OptModel):
             mask=torch.zeros((cap, ws.length), dtype=torch.long, device=dev),
             valid=torch.zeros(cap, dtype=torch.long, device=dev),
             logits=torch.zeros(cap, self.lm.lm_head.out_features, device=dev))
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._fill_encode_inputs(enc, pixel_values, input_ids, attention_mask)
-                for _ in range(2):  # warm-up: it writes only ws's prefix, rewritten per batch
-                    self.prefill(enc.pixels, enc.ids, enc.mask, ws)
-            torch.cuda.current_stream().wait_stream(side)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                out = self.prefill(enc.pixels, enc.ids, enc.mask, ws)
-                enc.valid.copy_(out.valid)  # outputs live outside the graph's memory pool
-                enc.logits.copy_(out.logits)
-            enc.graph = graph
-        except torch.OutOfMemoryError:
-            raise
-        except Exception:  # noqa: BLE001 - capture failure: encode eagerly from now on
+
+        def warm_up() -> None:
+            self._fill_encode_inputs(enc, pixel_values, input_ids, attention_mask)
+            for _ in range(2):  # warm-up: it writes only ws's prefix, rewritten per batch
+                self.prefill(enc.pixels, enc.ids, enc.mask, ws)
+
+        def record() -> None:
+            out = self.prefill(enc.pixels, enc.ids, enc.mask, ws)
+            enc.valid.copy_(out.valid)  # outputs live outside the graph's memory pool
+            enc.logits.copy_(out.logits)
+
+        def failed() -> None:  # encode eagerly from now on
             self.encode_graphs = False
             self.encode_failures += 1
-            torch.cuda.synchronize()
+        enc.graph = self._capture(warm_up, record, failed)
+        if enc.graph is None:
             return None
         ws.encoder = enc
         ws.bytes += enc.pixels.numel() * enc.pixels.element_size()
