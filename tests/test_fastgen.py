@@ -43,7 +43,7 @@ def test_same_tokens_as_transformers_generate(eng, batch, params, bucket):
     want = eng._generate(px, PROMPTS, params)  # BLIP_DECODER=hf: model.generate
     # padded-shapes: the batch and the prompt are padded to the fixed shapes CUDA graphs use
     gen = generation.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id,
-                                   bucket=bucket)
+                                   generation.DecodeOptions(bucket=bucket))
     rows = gen.generate(pxn, ids, mask, params)
     got = [eng._decode(r) for r in rows]
     k = params.num_captions
@@ -89,7 +89,7 @@ def test_stopping_early_gives_the_same_tokens_with_or_without_overlap(eng, batch
     params = G(num_beams=beams, max_length=40, min_length=0)
     want = eng._generate(px[pick], prompts, params)
     gen = generation.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id,
-                                   overlap=overlap)
+                                   generation.DecodeOptions(overlap=overlap))
     steps = []
     real_step = gen._run_step
     gen._run_step = lambda *a: steps.append(a[-1]) or real_step(*a)
@@ -106,7 +106,7 @@ def test_encoder_graph_inputs_pad_a_small_batch_without_changing_it(eng, batch):
     # left-padded to the workspace's length. The real images' outputs must not change.
     _, pxn, ids, mask = batch
     gen = generation.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id,
-                                   bucket=True)
+                                   generation.DecodeOptions(bucket=True))
     b = 3
     ws = gen._workspace(b, 1, ids.shape[1], 4, eng.model.language_model.lm_head.weight)
     assert ws.images == 4 and ws.length > ids.shape[1]  # a padded shape
@@ -141,6 +141,6 @@ def test_unfused_projections_give_the_same_tokens(eng, batch):
     params = G(num_beams=3, max_length=10, min_length=2)
     fused = generation.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id)
     plain = generation.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id,
-                                     fuse_qkv=False)
+                                     generation.DecodeOptions(fuse_qkv=False))
     assert plain._qkv == [None] * len(plain._qkv)
     assert plain.generate(pxn, ids, mask, params) == fused.generate(pxn, ids, mask, params)

@@ -54,9 +54,10 @@ def test_graphs_equal_eager_on_the_full_architecture_in_fp16():
     mask = torch.ones_like(ids)
     p = G(num_beams=3, max_length=12, min_length=12)
     eager = generation.FastGenerator(loaded.model, loaded.eos_token_id, loaded.pad_token_id,
-                                     cuda_graphs=False, bucket=True)
+                                     generation.DecodeOptions(cuda_graphs=False, bucket=True))
     graphs = generation.FastGenerator(loaded.model, loaded.eos_token_id, loaded.pad_token_id,
-                                      cuda_graphs=True, graph_memory_bytes=2 ** 32)
+                                      generation.DecodeOptions(cuda_graphs=True,
+                                                               graph_memory_bytes=2 ** 32))
     assert graphs.generate(px, ids, mask, p) == eager.generate(px, ids, mask, p)
     assert graphs.graph_replays > 0 and graphs.encode_replays > 0
     del loaded, eager, graphs

@@ -31,6 +31,7 @@ The package, as vLLM splits a decoder:
 
 - ``opt``: the OPT decoder's math, step by step (prompt embeddings, prefill, one decoding step,
   the attention over the shared prefix, the fused q/k/v projection, the logits);
+- ``options``: ``DecodeOptions``, the decoder's switches (CUDA graphs, overlap, ...);
 - ``workspace``: the fixed-shape buffers a step reads and writes;
 - ``graphs``: the workspaces' cache and the CUDA graphs that replay a step or an image
   encoding + prefill;
@@ -39,5 +40,6 @@ The package, as vLLM splits a decoder:
 """
 from .generator import FastGenerator
 from .opt import supports
+from .options import DecodeOptions
 
-__all__ = ["FastGenerator", "supports"]
+__all__ = ["DecodeOptions", "FastGenerator", "supports"]

@@ -9,23 +9,20 @@ from params import GenerationParams
 from . import search
 from .graphs import GraphRunner
 from .opt import supports
+from .options import DecodeOptions
 
 
 class FastGenerator(GraphRunner):
-    def __init__(self, model, eos_token_id: int, pad_token_id: int, cuda_graphs: bool = False,
-                 bucket: bool | None = None, graph_memory_bytes: int = 0,
-                 overlap: bool = True, encode_graphs: bool = True, fuse_qkv: bool = True):
+    def __init__(self, model, eos_token_id: int, pad_token_id: int,
+                 options: DecodeOptions = DecodeOptions()):
         if not supports(model):
             raise ValueError("FastGenerator needs a BLIP-2 model with an OPT decoder")
-        super().__init__(model, pad_token_id, cuda_graphs, bucket, graph_memory_bytes,
-                         encode_graphs, fuse_qkv)
+        super().__init__(model, pad_token_id, options)
+        self.options = options
         self.eos = eos_token_id
         suppress = self.lm.generation_config.suppress_tokens or []
         self.suppress = torch.tensor(sorted(suppress), dtype=torch.long) if suppress else None
         self._suppress_on: dict[torch.device, torch.Tensor] = {}
-        # overlap: queue step t's decoder pass before reading whether the search stopped at t
-        # (one wasted pass at the end instead of a host/GPU round trip at every step)
-        self.overlap = overlap
 
     @torch.inference_mode()
     def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
@@ -43,9 +40,9 @@ class FastGenerator(GraphRunner):
             return self._run_step(ws, tokens, positions, t)
         if sampling:
             return search.sample(step, prefix, input_ids, params, per_image, special,
-                                 self.overlap)
+                                 self.options.overlap)
         return search.beam_search(step, ws.follow_beams, prefix, input_ids, params, special,
-                                  self.overlap)
+                                  self.options.overlap)
 
     def _suppressed(self, device: torch.device) -> torch.Tensor | None:
         """The model's ``suppress_tokens`` on ``device`` (copied there once)."""

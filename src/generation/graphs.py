@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .opt import OptModel
+from .options import DecodeOptions
 from .workspace import EncodeGraph, Prefix, Workspace
 
 # Image counts a graph is captured for (a batch is padded up to the next one); batches whose
@@ -22,19 +23,16 @@ ENCODE_GRAPH_MAX_IMAGES = 16
 
 
 class GraphRunner(OptModel):
-    def __init__(self, model, pad_token_id: int, cuda_graphs: bool = False,
-                 bucket: bool | None = None, graph_memory_bytes: int = 0,
-                 encode_graphs: bool = True, fuse_qkv: bool = True):
-        super().__init__(model, fuse_qkv)
+    def __init__(self, model, pad_token_id: int, options: DecodeOptions):
+        super().__init__(model, options)
         self.pad = pad_token_id
-        self.cuda_graphs = cuda_graphs
-        self.encode_graphs = encode_graphs
+        # both switch off after capture failures (see _graph, _encode_graph)
+        self.cuda_graphs = options.cuda_graphs
+        self.encode_graphs = options.encode_graphs
         self.encode_replays = 0
         self.encode_failures = 0
-        # Bucketing (padding batches and prompts to fixed shapes) is what lets graphs be reused;
-        # it can be switched on without graphs to test that padding changes nothing.
-        self.bucket = cuda_graphs if bucket is None else bucket
-        self.graph_memory_bytes = graph_memory_bytes
+        self.bucket = options.cuda_graphs if options.bucket is None else options.bucket
+        self.graph_memory_bytes = options.graph_memory_bytes
         self._cache: OrderedDict[tuple, Workspace] = OrderedDict()
         self._pool = None
         self.graph_failures = 0

@@ -11,21 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .options import DecodeOptions
 from .workspace import Prefix, Workspace
 
-# cuDNN's attention (PyTorch's first choice on an H100) builds a plan for every new batch size:
-# ~70-85 ms per call site the first time (H100 run 10), so a batch of a size not met before
-# paid ~370 ms more across the image encoder, the Q-Former and the prefill. Only the image
-# encoder keeps it, where it is ~5% faster than flash attention at large batches; the Q-Former
-# and the prefill, whose attention is a small share of their time, use the other kernels.
-# "all" leaves PyTorch's choice everywhere (benchmarks compare the two).
-CUDNN_ATTENTION = "vision"
+# the attention kernels of the Q-Former and the prefill (DecodeOptions.cudnn_attention)
 _NO_CUDNN = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
-
-
-def _attention_without_cudnn():
-    return (contextlib.nullcontext() if CUDNN_ATTENTION == "all"
-            else sdpa_kernel(list(_NO_CUDNN)))
 
 
 def supports(model) -> bool:
@@ -40,15 +30,20 @@ def supports(model) -> bool:
 class OptModel:
     """The model math, with no state of its own beyond the model and its fused projections."""
 
-    def __init__(self, model, fuse_qkv: bool = True):
+    def __init__(self, model, options: DecodeOptions):
         self.model = model
         self.lm = model.language_model
         self.decoder = self.lm.model.decoder
         cfg = self.lm.config
         self.heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        self._qkv = [self._fused_qkv(layer.self_attn) if fuse_qkv else None
+        self._qkv = [self._fused_qkv(layer.self_attn) if options.fuse_qkv else None
                      for layer in self.decoder.layers]
+        self.cudnn_attention = options.cudnn_attention
+
+    def _attention_without_cudnn(self):
+        return (contextlib.nullcontext() if self.cudnn_attention == "all"
+                else sdpa_kernel(list(_NO_CUDNN)))
 
     @staticmethod
     def _fused_qkv(attn) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -92,7 +87,7 @@ class OptModel:
         # in half precision, so do we: its matmuls in half precision, norms in fp32.
         half = image.is_cuda and image.dtype in (torch.float16, torch.bfloat16)
         with torch.autocast("cuda", dtype=image.dtype, enabled=half,
-                            cache_enabled=False), _attention_without_cudnn():
+                            cache_enabled=False), self._attention_without_cudnn():
             q = m.qformer(query_embeds=queries, encoder_hidden_states=image,
                           encoder_attention_mask=torch.ones(image.shape[:-1], dtype=torch.long,
                                                             device=image.device),
@@ -136,7 +131,7 @@ class OptModel:
         allowed = causal[None] & mask[:, None, :]
         allowed |= torch.eye(length, dtype=torch.bool, device=h.device)[None]
         attn_mask = allowed[:, None]  # (B, 1, L, L)
-        with _attention_without_cudnn():
+        with self._attention_without_cudnn():
             for i, layer in enumerate(self.decoder.layers):
                 a = layer.self_attn
                 x = layer.self_attn_layer_norm(h)
