@@ -175,8 +175,9 @@ def make_engine(args, decode: dict | None = None, **env) -> engine_mod.BaseEngin
 # changes to the fast decoder's options
 VARIANTS = {
     "fast": ({"BLIP_DECODER": "fast"}, {}),
-    # the fast decoder as of H100 run 2: a host round trip per step, image encoding and
-    # prefill launched eagerly, separate q/k/v projections (same tokens)
+    # the fast decoder before its step overlap, encoder graphs and fused q/k/v: a host round
+    # trip per step, image encoding and prefill launched eagerly, separate q/k/v projections
+    # (same tokens)
     "fast-base": ({"BLIP_DECODER": "fast"},
                   {"overlap": False, "encode_graphs": False, "fuse_qkv": False}),
     "hf": ({"BLIP_DECODER": "hf"}, {}),

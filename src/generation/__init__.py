@@ -13,30 +13,35 @@ all of them, concatenating a growing cache. Here instead:
   copies only the generated part;
 - per step, one Python loop over the decoder layers on preallocated, fixed-shape buffers (no
   cache objects, no mask building), which on CUDA is captured once as a CUDA graph per batch
-  shape and replayed (``cuda_graphs``): a small batch's step costs one launch instead of ~900.
+  shape and replayed (``cuda_graphs``): a small batch's step costs one launch instead of one
+  per kernel.
 
 The search itself is the one transformers runs, so results are the same tokens: greedy
 (argmax), beam search (top 2k candidates per image over accumulated log-probs, the first k
 that end are finalised with score / generated_len ** length_penalty, transformers' default
 early-stopping heuristic, best ``num_captions`` returned), and nucleus sampling (temperature,
-then top-k 50 (transformers' default), then top-p, multinomial). Logits processing matches transformers' order and semantics:
-repetition penalty over the whole row (prompt included), ``min_new_tokens`` bans eos,
-``suppress_tokens`` from the model's generation config. A test compares the tokens with
-``model.generate`` on the tiny model (greedy and beams, mixed prompt lengths).
+then top-k 50 (transformers' default), then top-p, multinomial). Logits processing matches
+transformers' order and semantics: repetition penalty over the whole row (prompt included),
+``min_new_tokens`` bans eos, ``suppress_tokens`` from the model's generation config. A test
+compares the tokens with ``model.generate`` on the tiny model (greedy and beams, mixed prompt
+lengths).
 
 Supported: OPT decoders with ``do_layer_norm_before`` (every BLIP-2 OPT checkpoint). Anything
 else falls back to transformers' generate (``supports(model)``).
 
-The package, as vLLM splits a decoder:
+The package, split as vLLM splits a decoder (model, runner, sampler):
 
-- ``opt``: the OPT decoder's math, step by step (prompt embeddings, prefill, one decoding step,
+- ``opt``: ``OptModel``, the OPT decoder's math (prompt embeddings, prefill, one decoding step,
   the attention over the shared prefix, the fused q/k/v projection, the logits);
-- ``options``: ``DecodeOptions``, the decoder's switches (CUDA graphs, overlap, ...);
-- ``workspace``: the fixed-shape buffers a step reads and writes;
-- ``graphs``: the workspaces' cache and the CUDA graphs that replay a step or an image
-  encoding + prefill;
-- ``search``: logits processing, sampling and beam search;
-- ``generator``: ``FastGenerator``, which ties them together.
+- ``graphs``: ``GraphRunner(OptModel)``, the workspaces' cache and the CUDA graphs that replay
+  a step or an image encoding + prefill, with one capture helper for both;
+- ``search``: logits processing, sampling and beam search, as functions over a step callable;
+- ``generator``: ``FastGenerator(GraphRunner)``, whose ``generate`` runs the search over its
+  steps;
+- ``workspace``: the fixed-shape buffers a step reads and writes (leaf);
+- ``options``: ``DecodeOptions``, the decoder's switches (leaf).
+
+Each class adds one concern to the one below it and calls only down; the search knows neither.
 """
 from .generator import FastGenerator
 from .opt import supports

@@ -13,6 +13,8 @@ from .options import DecodeOptions
 
 
 class FastGenerator(GraphRunner):
+    """The fast decoder: ``generate`` runs the search over this runner's steps."""
+
     def __init__(self, model, eos_token_id: int, pad_token_id: int,
                  options: DecodeOptions = DecodeOptions()):
         if not supports(model):

@@ -18,11 +18,14 @@ from .workspace import EncodeGraph, Prefix, Workspace
 GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 GRAPH_PROMPT_MULTIPLE = 8  # prompt lengths are left-padded to a multiple of this for graphs
 # Image encoding + prompt prefill is graphed too for batches up to this many images: there the
-# GPU work is small and launching ~1,500 kernels one by one is what costs the time.
+# GPU work is small and launching its kernels one by one is what costs the time.
 ENCODE_GRAPH_MAX_IMAGES = 16
 
 
 class GraphRunner(OptModel):
+    """Runs the model's prefill and steps on cached workspaces, from CUDA graphs where they
+    apply (``_encode``, ``_run_step``), eagerly elsewhere."""
+
     def __init__(self, model, pad_token_id: int, options: DecodeOptions):
         super().__init__(model, options)
         self.pad = pad_token_id

@@ -28,7 +28,8 @@ def supports(model) -> bool:
 
 
 class OptModel:
-    """The model math, with no state of its own beyond the model and its fused projections."""
+    """The model math, with no state of its own beyond the model, its fused projections and
+    the choice of attention kernels."""
 
     def __init__(self, model, options: DecodeOptions):
         self.model = model

@@ -24,12 +24,13 @@ class DecodeOptions:
     # image encoding + prompt prefill replayed from a CUDA graph too, for small batches
     encode_graphs: bool = True
     fuse_qkv: bool = True  # one q/k/v matmul per decoder layer (see opt.OptModel._fused_qkv)
-    # cuDNN's attention (PyTorch's first choice on an H100) builds a plan for every new batch size:
-    # ~70-85 ms per call site the first time (H100 run 10), so a batch of a size not met before
-    # paid ~370 ms more across the image encoder, the Q-Former and the prefill. Only the image
-    # encoder keeps it, where it is ~5% faster than flash attention at large batches; the Q-Former
-    # and the prefill, whose attention is a small share of their time, use the other kernels.
-    # "all" leaves PyTorch's choice everywhere (benchmarks compare the two).
+    # cuDNN's attention (PyTorch's first choice on an H100) builds a plan for every new batch
+    # size, at every call site, the first time it meets it: a batch of a size not met before
+    # paid that plan in the image encoder, the Q-Former and the prefill. Only the image encoder
+    # ("vision") keeps it, where it is faster than flash attention at large batches; the
+    # Q-Former and the prefill, whose attention is a small share of their time, use the other
+    # kernels. "all" leaves PyTorch's choice everywhere (benchmarks compare the two; the
+    # measurements are in OPTIMIZATION.md).
     cudnn_attention: str = "vision"
 
     def __post_init__(self):
