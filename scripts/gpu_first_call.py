@@ -3,7 +3,7 @@ call at batch sizes it has not met, with cuDNN's attention (PyTorch's default ch
 and with it switched off (flash attention then), and its steady time at batch 64 and 256 with
 each; then the bench's 64 concurrent one-image jobs with each (cuDNN on or off everywhere).
 With --where, instead: the bench's 64 concurrent jobs and 512-image job with cuDNN attention
-everywhere (PyTorch's choice) and only in the image encoder (fastgen.CUDNN_ATTENTION).
+everywhere (PyTorch's choice) and only in the image encoder (DecodeOptions.cudnn_attention).
     python scripts/gpu_first_call.py [random-full|tiny-random] [--where]"""
 import json
 import sys
@@ -13,16 +13,15 @@ sys.path.insert(0, "src")
 import torch  # noqa: E402
 
 import bench  # noqa: E402
-import fastgen  # noqa: E402
 import modeling  # noqa: E402
 
 model = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else "random-full"
 if "--where" in sys.argv:
     for where in ("all", "vision"):
-        fastgen.CUDNN_ATTENTION = where
         print(json.dumps({"cudnn_attention": where}), flush=True)
-        bench.main(["--model", model, "--mode", "concurrent", "--images", "64"])
-        bench.main(["--model", model, "--mode", "job", "--images", "512"])
+        decode = {"cudnn_attention": where}
+        bench.main(["--model", model, "--mode", "concurrent", "--images", "64"], decode)
+        bench.main(["--model", model, "--mode", "job", "--images", "512"], decode)
     sys.exit(0)
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 dtype = torch.float16 if dev.type == "cuda" else torch.float32

@@ -5,11 +5,12 @@ encoder at batch 64.  python scripts/gpu_profile.py"""
 import sys, time, json
 sys.path.insert(0, "src")
 import torch
-import modeling, preprocess, fastgen
+import modeling, preprocess, generation
 from params import GenerationParams as G
 dev = torch.device("cuda")
 m = modeling.load_model("random-full", dev, torch.float16)
-gen = fastgen.FastGenerator(m.model, m.eos_token_id, m.pad_token_id, cuda_graphs=True, graph_memory_bytes=2**32)
+gen = generation.FastGenerator(m.model, m.eos_token_id, m.pad_token_id,
+                               generation.DecodeOptions(cuda_graphs=True, graph_memory_bytes=2**32))
 tok = m.tokenizer
 def inputs(b):
     px = preprocess.normalize(torch.randint(0, 255, (b, 3, 364, 364), dtype=torch.uint8, device=dev), torch.float16)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -150,21 +151,36 @@ def worker_env() -> dict[str, str]:
     return {s.env: os.environ[s.env] for s in config.SETTINGS if s.env in os.environ}
 
 
-def make_engine(args, **env) -> engine_mod.BaseEngine:
+def decode_options(args, cfg: config.Config, changes: dict | None = None):
+    """The fast decoder's options for an engine of ``cfg``: the engine's own (None) unless the
+    variant (``changes``) or the caller of ``main`` (its ``decode``) changes some of their
+    fields (``generation.DecodeOptions``)."""
+    changes = {**args.decode, **(changes or {})}
+    if not changes:
+        return None
+    own = engine_mod.decode_options(cfg, engine_mod.resolve_device(cfg.device))
+    return dataclasses.replace(own, **changes)
+
+
+def make_engine(args, decode: dict | None = None, **env) -> engine_mod.BaseEngine:
     settings = {**worker_env(), "BLIP_MODEL": args.model, "BLIP_WARMUP": "1"}
     if args.dtype:
         settings["BLIP_DTYPE"] = args.dtype
     settings.update(env)
-    return engine_mod.load_engine(config.Config.from_env(settings))
+    cfg = config.Config.from_env(settings)
+    return engine_mod.load_engine(cfg, decode_options(args, cfg, decode))
 
 
-# --decoders: the engine variants a benchmark can compare in one run
+# --decoders: the engine variants a benchmark can compare in one run, as worker settings and
+# changes to the fast decoder's options
 VARIANTS = {
-    "fast": {"BLIP_DECODER": "fast"},
-    # the fast decoder as of H100 run 2: a host round trip per step, image encoding and
-    # prefill launched eagerly, separate q/k/v projections (same tokens)
-    "fast-base": {"BLIP_DECODER": "fast"},
-    "hf": {"BLIP_DECODER": "hf"},
+    "fast": ({"BLIP_DECODER": "fast"}, {}),
+    # the fast decoder before its step overlap, encoder graphs and fused q/k/v: a host round
+    # trip per step, image encoding and prefill launched eagerly, separate q/k/v projections
+    # (same tokens)
+    "fast-base": ({"BLIP_DECODER": "fast"},
+                  {"overlap": False, "encode_graphs": False, "fuse_qkv": False}),
+    "hf": ({"BLIP_DECODER": "hf"}, {}),
 }
 COMPARE = (("fast", "hf"), ("fast", "fast-base"))
 
@@ -172,11 +188,8 @@ COMPARE = (("fast", "hf"), ("fast", "fast-base"))
 def make_variant(args, name: str, **env) -> engine_mod.BaseEngine:
     if name not in VARIANTS:
         raise SystemExit(f"--decoders: unknown variant {name!r}; use {', '.join(VARIANTS)}")
-    eng = make_engine(args, **VARIANTS[name], **env)
-    if name == "fast-base" and eng.fast is not None:
-        eng.fast.overlap = eng.fast.encode_graphs = False
-        eng.fast._qkv = [None] * len(eng.fast._qkv)
-    return eng
+    settings, decode = VARIANTS[name]
+    return make_engine(args, decode, **settings, **env)
 
 
 def params_of(args) -> GenerationParams:
@@ -370,7 +383,7 @@ def mode_pipeline(args, report: Report) -> None:
     env = {**worker_env(), "BLIP_MODEL": args.model,
            "BLIP_MAX_BATCH_SIZE": str(max(args.batch_sizes))}
     cfg = config.Config.from_env(env)
-    eng = engine_mod.load_engine(cfg)
+    eng = engine_mod.load_engine(cfg, decode_options(args, cfg))
     worker = jobs.Worker(cfg, eng)
     jpegs = synthetic_jpegs(args.images, args.image_size)
     threads = worker.decode_pool._max_workers
@@ -530,8 +543,12 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def main(argv=None, decode: dict | None = None) -> int:
+    """``decode``: changes to every engine's fast-decoder options (``generation.DecodeOptions``
+    fields, e.g. ``{"cudnn_attention": "all"}``), for scripts that compare one switch; the api
+    mode's worker process does not see them."""
     args = parse_args(argv)
+    args.decode = dict(decode or {})
     device = engine_mod.resolve_device(os.environ.get("BLIP_DEVICE", "auto"))
     MODES[args.mode](args, Report(args, device, args.out))
     return 0

@@ -17,8 +17,8 @@ caption is the continuation without the prompt, stripped (``include_prompt`` pre
 ``max_length`` / ``min_length`` count new caption tokens; eos is "\\n"; sampling forces one
 beam; fp16 on CUDA (``BLIP_DTYPE`` overrides), fp32 on CPU. Results do not depend on the batch.
 
-Decoding (``BLIP_DECODER``): ``fast`` (default) runs ``fastgen.FastGenerator``, which prefills
-each image's prompt once and shares it across beams — the same tokens as transformers'
+Decoding (``BLIP_DECODER``): ``fast`` (default) runs ``generation.FastGenerator``, which
+prefills each image's prompt once and shares it across beams — the same tokens as transformers'
 ``generate``, which ``hf`` runs.
 
 Memory: every batch runs under ``torch.inference_mode()``. On ``torch.cuda.OutOfMemoryError``
@@ -36,7 +36,7 @@ import gc
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from PIL import Image
@@ -44,6 +44,9 @@ from PIL import Image
 import preprocess
 from config import Config
 from params import DEFAULT_PROMPT, GenerationParams
+
+if TYPE_CHECKING:  # imported where the fast decoder is used
+    from generation import DecodeOptions
 
 log = logging.getLogger("blip.engine")
 
@@ -269,7 +272,8 @@ class TransformersEngine(BaseEngine):
 
     name = "transformers"
 
-    def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype, loaded):
+    def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype, loaded,
+                 decode: DecodeOptions | None = None):
         super().__init__(cfg, device, dtype)
         self.m = loaded
         self.model = loaded.model
@@ -284,18 +288,11 @@ class TransformersEngine(BaseEngine):
         self.device_collate = self._pin
         self.fast = None
         if cfg.decoder == "fast":
-            import fastgen
-            if fastgen.supports(self.model):
-                graphs = cfg.cuda_graphs and device.type == "cuda"
-                # step buffers kept for graph replay: at most 15% of the GPU's memory
-                budget = (torch.cuda.get_device_properties(device).total_memory * 15 // 100
-                          if graphs else 0)
-                # overlap (queue the next step before reading whether to stop) pays on a GPU;
-                # on a CPU it would only add one wasted step per batch
-                self.fast = fastgen.FastGenerator(self.model, loaded.eos_token_id,
-                                                  loaded.pad_token_id, cuda_graphs=graphs,
-                                                  graph_memory_bytes=budget,
-                                                  overlap=device.type == "cuda")
+            import generation
+            if generation.supports(self.model):
+                self.fast = generation.FastGenerator(self.model, loaded.eos_token_id,
+                                                     loaded.pad_token_id,
+                                                     decode or decode_options(cfg, device))
             else:
                 log.warning("BLIP_DECODER=fast does not support this language model; "
                             "using transformers' generate")
@@ -308,14 +305,14 @@ class TransformersEngine(BaseEngine):
                  "auto: " + ("free GPU memory" if device.type == "cuda" else "CPU default"))
 
     @classmethod
-    def load(cls, cfg: Config) -> "TransformersEngine":
+    def load(cls, cfg: Config, decode: DecodeOptions | None = None) -> "TransformersEngine":
         import modeling
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
         loaded = modeling.load_model(cfg.model, device, dtype)
         log.info("loaded %s on %s in %s in %.1fs", loaded.model_id, device,
                  str(dtype).replace("torch.", ""), loaded.load_s)
-        return cls(cfg, device, dtype, loaded)
+        return cls(cfg, device, dtype, loaded, decode)
 
     def drop_caches(self) -> None:
         if self.fast is not None:
@@ -433,17 +430,32 @@ class TransformersEngine(BaseEngine):
         return self.tokenizer.decode(seq, skip_special_tokens=True).strip()
 
 
-def load_engine(cfg: Config) -> BaseEngine:
-    """Build the configured engine, load its model and warm it up (``BLIP_WARMUP``)."""
+def decode_options(cfg: Config, device: torch.device) -> DecodeOptions:
+    """The fast decoder's options for these settings on ``device``."""
+    import generation
+    graphs = cfg.cuda_graphs and device.type == "cuda"
+    # step buffers kept for graph replay: at most 15% of the GPU's memory
+    budget = (torch.cuda.get_device_properties(device).total_memory * 15 // 100
+              if graphs else 0)
+    # overlap (queue the next step before reading whether to stop) pays on a GPU;
+    # on a CPU it would only add one wasted step per batch
+    return generation.DecodeOptions(cuda_graphs=graphs, graph_memory_bytes=budget,
+                                    overlap=device.type == "cuda")
+
+
+def load_engine(cfg: Config, decode: DecodeOptions | None = None) -> BaseEngine:
+    """Build the configured engine, load its model and warm it up (``BLIP_WARMUP``).
+    ``decode``: the fast decoder's options where they are not ``decode_options``'s, as the
+    benchmark's variants have them (the LAVIS engine has no fast decoder)."""
     if cfg.engine == "lavis":
         from engine_lavis import LavisEngine  # separate environment (requirements-lavis.txt)
         engine: BaseEngine = LavisEngine.load(cfg)
     else:
-        engine = TransformersEngine.load(cfg)
+        engine = TransformersEngine.load(cfg, decode)
     if cfg.warmup:
         log.info("warm-up caption in %.2fs", engine.warmup())
     return engine
 
 
 __all__ = ["BaseEngine", "TransformersEngine", "CaptionResult", "FatalDeviceError",
-           "load_engine", "compose", "is_fatal_device_error", "is_oom"]
+           "decode_options", "load_engine", "compose", "is_fatal_device_error", "is_oom"]

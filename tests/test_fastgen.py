@@ -1,11 +1,12 @@
-"""fastgen gives exactly the tokens of transformers' generate, with less work per image."""
+"""The fast decoder gives exactly the tokens of transformers' generate, with less work per image."""
 import pytest
 import torch
 
 import config
 import engine as engine_mod
-import fastgen
+import generation
 import preprocess
+from generation.workspace import EncodeGraph
 from params import GenerationParams as G
 from test_engine import distinct_images
 
@@ -41,8 +42,8 @@ def test_same_tokens_as_transformers_generate(eng, batch, params, bucket):
     px, pxn, ids, mask = batch
     want = eng._generate(px, PROMPTS, params)  # BLIP_DECODER=hf: model.generate
     # padded-shapes: the batch and the prompt are padded to the fixed shapes CUDA graphs use
-    gen = fastgen.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id,
-                                bucket=bucket)
+    gen = generation.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id,
+                                   generation.DecodeOptions(bucket=bucket))
     rows = gen.generate(pxn, ids, mask, params)
     got = [eng._decode(r) for r in rows]
     k = params.num_captions
@@ -51,7 +52,7 @@ def test_same_tokens_as_transformers_generate(eng, batch, params, bucket):
 
 def test_tiny_top_p_sampling_is_greedy(eng, batch):
     _, pxn, ids, mask = batch
-    gen = fastgen.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id)
+    gen = generation.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id)
     greedy = gen.generate(pxn, ids, mask, G(num_beams=1, max_length=10))
     sampled = gen.generate(pxn, ids, mask, G(use_nucleus_sampling=True, top_p=1e-6,
                                              temperature=0.7, max_length=10, num_captions=2))
@@ -60,7 +61,7 @@ def test_tiny_top_p_sampling_is_greedy(eng, batch):
 
 def test_sampling_varies_and_respects_lengths(eng, batch):
     _, pxn, ids, mask = batch
-    gen = fastgen.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id)
+    gen = generation.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id)
     torch.manual_seed(1)
     rows = gen.generate(pxn, ids, mask, G(use_nucleus_sampling=True, top_p=0.95,
                                           temperature=2.0, max_length=9, min_length=9,
@@ -73,7 +74,7 @@ def test_sampling_varies_and_respects_lengths(eng, batch):
 def test_the_engine_uses_the_fast_decoder_by_default():
     eng = engine_mod.load_engine(config.Config.from_env({"BLIP_MODEL": "tiny-random",
                                                          "BLIP_WARMUP": "0"}))
-    assert eng.decoder == "fast" and fastgen.supports(eng.model)
+    assert eng.decoder == "fast" and generation.supports(eng.model)
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["check-then-step", "step-then-check"])
@@ -87,8 +88,8 @@ def test_stopping_early_gives_the_same_tokens_with_or_without_overlap(eng, batch
     ids, mask = eng.build_inputs(prompts)
     params = G(num_beams=beams, max_length=40, min_length=0)
     want = eng._generate(px[pick], prompts, params)
-    gen = fastgen.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id,
-                                overlap=overlap)
+    gen = generation.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id,
+                                   generation.DecodeOptions(overlap=overlap))
     steps = []
     real_step = gen._run_step
     gen._run_step = lambda *a: steps.append(a[-1]) or real_step(*a)
@@ -104,13 +105,14 @@ def test_encoder_graph_inputs_pad_a_small_batch_without_changing_it(eng, batch):
     # padded to the workspace's capacity with copies of its first image, the prompts
     # left-padded to the workspace's length. The real images' outputs must not change.
     _, pxn, ids, mask = batch
-    gen = fastgen.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id, bucket=True)
+    gen = generation.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id,
+                                   generation.DecodeOptions(bucket=True))
     b = 3
     ws = gen._workspace(b, 1, ids.shape[1], 4, eng.model.language_model.lm_head.weight)
     assert ws.images == 4 and ws.length > ids.shape[1]  # a padded shape
     want = gen._encode(pxn[:b], ids[:b], mask[:b], ws)
     want_prefix = ws.prefix[:, :b].clone()
-    enc = fastgen._EncodeGraph(
+    enc = EncodeGraph(
         pixels=torch.full((4, *pxn.shape[1:]), float("nan")),
         ids=torch.full((4, ws.length), -1), mask=torch.full((4, ws.length), -1),
         valid=torch.zeros(4, dtype=torch.long), logits=torch.zeros(4, 1))
@@ -123,13 +125,13 @@ def test_encoder_graph_inputs_pad_a_small_batch_without_changing_it(eng, batch):
 
 
 def test_fused_projections_share_the_model_parameters(eng):
-    gen = fastgen.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id)
+    gen = generation.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id)
     attn = eng.model.language_model.model.decoder.layers[0].self_attn
     w, b = gen._qkv[0]
     n = attn.q_proj.weight.shape[0]
     assert attn.k_proj.weight.data_ptr() == w[n:].data_ptr()  # views: no second copy
     assert torch.equal(w[2 * n:], attn.v_proj.weight) and torch.equal(b[:n], attn.q_proj.bias)
-    again = fastgen.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id)
+    again = generation.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id)
     assert again._qkv[0][0] is w  # a second generator on the same model reuses them
 
 
@@ -137,8 +139,8 @@ def test_unfused_projections_give_the_same_tokens(eng, batch):
     # the path for decoders whose q/k/v cannot be fused (no biases, offloaded, hooked)
     _, pxn, ids, mask = batch
     params = G(num_beams=3, max_length=10, min_length=2)
-    fused = fastgen.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id)
-    plain = fastgen.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id,
-                                  fuse_qkv=False)
+    fused = generation.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id)
+    plain = generation.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id,
+                                     generation.DecodeOptions(fuse_qkv=False))
     assert plain._qkv == [None] * len(plain._qkv)
     assert plain.generate(pxn, ids, mask, params) == fused.generate(pxn, ids, mask, params)

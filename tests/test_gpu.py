@@ -7,7 +7,7 @@ import torch
 
 import config
 import engine as engine_mod
-import fastgen
+import generation
 import modeling
 import preprocess
 from params import GenerationParams as G
@@ -53,10 +53,11 @@ def test_graphs_equal_eager_on_the_full_architecture_in_fp16():
     ids = torch.tensor(rows, device="cuda")
     mask = torch.ones_like(ids)
     p = G(num_beams=3, max_length=12, min_length=12)
-    eager = fastgen.FastGenerator(loaded.model, loaded.eos_token_id, loaded.pad_token_id,
-                                  cuda_graphs=False, bucket=True)
-    graphs = fastgen.FastGenerator(loaded.model, loaded.eos_token_id, loaded.pad_token_id,
-                                   cuda_graphs=True, graph_memory_bytes=2 ** 32)
+    eager = generation.FastGenerator(loaded.model, loaded.eos_token_id, loaded.pad_token_id,
+                                     generation.DecodeOptions(cuda_graphs=False, bucket=True))
+    graphs = generation.FastGenerator(loaded.model, loaded.eos_token_id, loaded.pad_token_id,
+                                      generation.DecodeOptions(cuda_graphs=True,
+                                                               graph_memory_bytes=2 ** 32))
     assert graphs.generate(px, ids, mask, p) == eager.generate(px, ids, mask, p)
     assert graphs.graph_replays > 0 and graphs.encode_replays > 0
     del loaded, eager, graphs
