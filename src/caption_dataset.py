@@ -113,7 +113,7 @@ from typing import Any, Callable, Iterable, Sequence
 import schema
 from caption_folder import (FLAG_FIELDS, IMAGE_EXTENSIONS, add_request_flags, find_images, flag,
                             parse_options, write_caption)
-from config import ENV, Config, ConfigError
+from config import BUCKET_FIELDS, ENV, Config, ConfigError
 from deliver import CaptionNames, caption_text
 from errors import ImageError, JobError, short
 from inputs import ImageSource, decode_image, human_size, printable
@@ -366,8 +366,11 @@ def too_large(name: str, body: int, limit: int, preresized: bool, preresize: boo
     how = "pre-resized" if preresized else "sent as it is" + (
         "" if preresize else " (--no-preresize)")
     todo = "" if preresize else "drop --no-preresize, or "
+    whose = ("RunPod's " if limit == MAX_BODY_BYTES else "the ") + f"{limit:,}-byte /run body limit"
+    if limit != MAX_BODY_BYTES:
+        whose += " (--max-body-bytes)"
     return (f"too large to send inline: as a data: URI it makes a {body:,}-byte /run request "
-            f"body ({how}), over RunPod's {limit:,}-byte /run body limit; {todo}host the "
+            f"body ({how}), over {whose}; {todo}host the "
             "image and pass a URL list (.txt, .csv or .jsonl), or put it in a bucket and pass "
             "s3://bucket/prefix")
 
@@ -678,16 +681,24 @@ class Fleet:
                 return Result("state", state)
         except Exception:  # noqa: BLE001 - stopping: best effort
             pass
-        self.cancel(job_id)
+        if self.cancel(job_id) in ("COMPLETED", "FAILED"):  # it finished as we cancelled it
+            try:
+                state = self.endpoint().rp_client.get(f"{self.endpoint_id}/status/{job_id}",
+                                                      timeout=5)
+                if isinstance(state, dict) and state.get("status") in FINAL_STATES:
+                    return Result("state", state)
+            except Exception:  # noqa: BLE001 - stopping: best effort
+                pass
         return Result("stopped")
 
-    def cancel(self, job_id: str) -> None:
-        """Best effort: the job may already be finished or gone."""
+    def cancel(self, job_id: str) -> str | None:
+        """Best effort (the job may already be finished or gone); the status it answers."""
         from runpod.endpoint.runner import Job as RpJob
         try:
-            RpJob(self.endpoint_id, job_id, self.endpoint().rp_client).cancel()
+            answer = RpJob(self.endpoint_id, job_id, self.endpoint().rp_client).cancel()
+            return answer.get("status") if isinstance(answer, dict) else None
         except Exception:  # noqa: BLE001 - cancelling is a courtesy; never fatal
-            pass
+            return None
 
 
 # --- output files ----------------------------------------------------------------------------
@@ -932,7 +943,8 @@ class Stats:
     preresized: int = 0
     gpu_s: float = 0.0
     seconds: float = 0.0
-    client_cpu_s: float = 0.0
+    client_cpu_s: float = 0.0  # the whole main(), imports of torch (pre-resizing) included
+    loop_cpu_s: float = 0.0  # from the first job built to the summary
     throttled: int = 0
     interrupted: bool = False
 
@@ -1127,7 +1139,8 @@ class Run:
             if isinstance(timings, dict) and isinstance(timings.get("caption_s"), (int, float)):
                 self.stats.gpu_s += float(timings["caption_s"])
         if verdict == "ok":
-            rows, missing = rows_from_output(job, output, self.existing.done)
+            written = self.existing.done | self.existing.failed  # (retried keys were dropped)
+            rows, missing = rows_from_output(job, output, written)
             for r in rows:
                 r.error = self._clean(r.error) if r.error else None
             if job.zip and not missing:  # the bar counted the zip as one image
@@ -1266,6 +1279,14 @@ def request_fields(args: argparse.Namespace, cfg: Config) -> dict:
     return given
 
 
+def client_config() -> Config:
+    """The worker's settings as far as the client uses them (image limits, images per job).
+    The BUCKET_* names only locate an s3:// source here, so the worker's rule that all four
+    are set together (for caption zips) does not apply."""
+    skip = {ENV[f] for f in BUCKET_FIELDS}
+    return Config.from_env({k: v for k, v in os.environ.items() if k not in skip})
+
+
 def _usage(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return EXIT_USAGE
@@ -1302,7 +1323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     try:
-        cfg = Config.from_env()
+        cfg = client_config()
         fields = request_fields(args, cfg)
     except ConfigError as exc:
         return _usage(str(exc))
@@ -1370,7 +1391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    dynamic_ncols=True)
     run = Run(args, fields, cfg, todo, output, existing, fleet, bar, s3)
     run.stats.skipped, run.stats.duplicates, run.stats.images = skipped, duplicates, len(todo)
-    started = time.monotonic()
+    started, loop_cpu = time.monotonic(), time.process_time()
     code = EXIT_OK
     try:
         run.loop()
@@ -1388,6 +1409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stats = run.stats
     stats.seconds = time.monotonic() - started
     stats.client_cpu_s = time.process_time() - started_cpu
+    stats.loop_cpu_s = time.process_time() - loop_cpu
     stats.throttled = fleet.throttled
     stats.failed_before = len(existing.failed & planned) if not args.retry_failed else 0
     stats.interrupted = bool(caught)
