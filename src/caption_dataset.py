@@ -581,6 +581,7 @@ class Fleet:
             try:
                 rp_job = ep.run({"input": job.input})
                 job_id = rp_job.job_id
+                job.input = {}  # up to 10 MB of base64: not kept while the job runs
                 if self.stop.is_set():
                     self.cancel(job_id)
                     return Result("stopped")
@@ -1334,6 +1335,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _usage("set RUNPOD_API_KEY in the environment (it is never taken as a flag)")
     import runpod
     base = os.environ.get("RUNPOD_ENDPOINT_BASE_URL") or runpod.endpoint_url_base
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        return _usage(f"--out {args.out}: the folder {out_dir} does not exist")
     s3 = None
     try:
         if any(s.lower().startswith("s3://") for s in args.sources):

@@ -293,6 +293,7 @@ def test_bad_flags_and_sources_exit_2_naming_them(tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("RUNPOD_API_KEY", "k")
     monkeypatch.setenv("RUNPOD_ENDPOINT_BASE_URL", f"http://127.0.0.1:{testlib.free_port()}/v2")
     (tmp_path / "imgs").mkdir()
+    (tmp_path / "elsewhere").mkdir()
     out = str(tmp_path / "o.jsonl")
     cases = [
         (["--num-beams", "0"], "--num-beams"),
@@ -312,6 +313,9 @@ def test_bad_flags_and_sources_exit_2_naming_them(tmp_path, monkeypatch, capsys)
         assert "is not a folder" in capsys.readouterr().err
     assert cd.main([str(tmp_path / "nothing"), "--endpoint", "e", "--out", out]) == 2
     assert "not a folder, a URL list" in capsys.readouterr().err
+    assert cd.main([str(tmp_path / "imgs"), "--endpoint", "e", "--out",
+                    str(tmp_path / "no" / "o.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
     monkeypatch.delenv("RUNPOD_API_KEY")
     assert cd.main([str(tmp_path / "imgs"), "--endpoint", "e", "--out", out]) == 2
     assert "RUNPOD_API_KEY" in capsys.readouterr().err
@@ -357,7 +361,7 @@ def mixed_folder(root: Path, n: int) -> tuple[set, set]:
         fmt, ext = formats[i % len(formats)]
         rel = f"sub{i % 3}/img{i:03d}{ext}"
         if i % 15 == 7:
-            data = [testlib.truncated_jpeg(seed=i), b"not an image at all", b""][i % 3]
+            data = [testlib.truncated_jpeg(seed=i), b"not an image at all", b""][i // 15 % 3]
             rel = f"sub{i % 3}/broken{i:03d}.jpg"
             broken.add(rel)
         else:
