@@ -726,3 +726,20 @@ def test_a_worker_killed_mid_run_its_jobs_are_resubmitted(sim, fleet, tmp_path, 
     lost = [j for j in still if j.status == "CANCELLED"]  # the client gave up on them
     assert lost and stats["resubmitted"] >= sum(len(j.input["data_urls"]) for j in lost)
     assert "no progress for 6 s (IN_PROGRESS" in capsys.readouterr().err
+
+
+def test_a_wrong_key_or_endpoint_stops_the_run_with_exit_2(sim, tmp_path, monkeypatch, capsys):
+    write(tmp_path / "ds" / "a.jpg", testlib.jpeg(seed=1))
+    out = tmp_path / "o.jsonl"
+    monkeypatch.setenv("RUNPOD_ENDPOINT_BASE_URL", sim.base_url)
+    monkeypatch.setenv("RUNPOD_API_KEY", "wrong-key-123")
+    code = cd.main([str(tmp_path / "ds"), "--endpoint", sim.endpoint_id, "--out", str(out),
+                    *FAST])
+    stdout, err = capsys.readouterr()
+    assert code == 2 and "refused RUNPOD_API_KEY" in err
+    assert "wrong-key-123" not in stdout + err
+    monkeypatch.setenv("RUNPOD_API_KEY", sim.api_key)
+    code = cd.main([str(tmp_path / "ds"), "--endpoint", "no-such-endpoint", "--out", str(out),
+                    *FAST])
+    assert code == 2 and "'no-such-endpoint' not found" in capsys.readouterr().err
+    assert not out.exists() or not records(out)
