@@ -38,8 +38,9 @@ Not simulated: scaling, cold starts and starting workers (start them yourself), 
 timeouts and TTL from ``policy`` (``policy`` and ``webhook`` are accepted and ignored; a test
 can call ``time_out(job)``), /stream and generator handlers, /purge-queue, retries of failed
 jobs, job-take's 400 (FlashBoot), RunPod's exact error texts, and the fitness checks the SDK
-runs at start (``WorkerProcess`` turns them off: the network check dials 8.8.8.8 and kills an
-offline worker). Times are ``time.monotonic()``.
+runs at start (``WorkerProcess`` turns them off: the network one dials 8.8.8.8:53 and
+os._exit(1)s a worker that cannot reach it, the memory one wants 4 GB free). Times are
+``time.monotonic()``.
 """
 from __future__ import annotations
 
@@ -593,8 +594,9 @@ class WorkerProcess:
 
     DEFAULTS = {"BLIP_MODEL": "tiny-random", "BLIP_DEVICE": "cpu",
                 "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true", "BLIP_LOG_LEVEL": "INFO",
-                # runpod's start-up fitness checks: the network one dials 8.8.8.8:53 and
-                # os._exit(1)s an offline worker; memory/disk/GPU checks are not under test
+                # runpod's start-up fitness checks (rp_fitness.py): the network one dials
+                # 8.8.8.8:53 and os._exit(1)s a worker that cannot reach it (no network, CI);
+                # memory (4 GB free), disk and GPU checks are not what these tests are about
                 "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true", "RUNPOD_SKIP_GPU_CHECK": "true"}
 
     def __init__(self, sim: RunPodSim, worker_id: str, repo_root: Path | None = None,
