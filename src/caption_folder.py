@@ -70,6 +70,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR", help="folder of images (subfolders included)")
     p.add_argument("--overwrite", action="store_true",
                    help="caption images that already have a caption file too")
+    add_request_flags(p)
+    return p
+
+
+def add_request_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per request field of ``FLAG_FIELDS`` (also used by ``caption_dataset.py``):
+    default None (= not given), the API's default and bounds in the help."""
     types = {"int": int, "opt_int": int, "float": float, "str": str}
     for spec in FLAG_FIELDS:
         default = "unset" if spec.default is None else spec.default_text  # JSON null: omit it
@@ -82,7 +89,6 @@ def parser() -> argparse.ArgumentParser:
             kwargs["type"] = types[spec.kind]
             kwargs["metavar"] = spec.kind.replace("opt_", "").upper()
         p.add_argument(flag(spec.name), **kwargs)
-    return p
 
 
 def parse_options(args: argparse.Namespace, cfg: Config) -> schema.CaptionRequest:
