@@ -41,9 +41,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "src"), str(REPO / "tests")]
 
-import caption_dataset as cd  # noqa: E402
 import config  # noqa: E402
 import testlib  # noqa: E402
+from dataset_client import fanout  # noqa: E402
 from support.runpod_sim import RunPodSim, WorkerProcess  # noqa: E402
 
 CAPTION = ["--num-beams", "1", "--max-length", "5"]
@@ -75,7 +75,7 @@ def jpegs(size: tuple[int, int], count: int, distinct: int = 4) -> list[bytes]:
 
 def bench_prepare(report: Report, threads: int, tmp: Path) -> None:
     cfg = config.Config.from_env({})
-    envelope = cd.envelope_bytes({})
+    envelope = fanout.envelope_bytes({})
     import preprocess  # noqa: F401 - torch imported before timing, as the client does
     for size, count in (((640, 480), 200), ((4000, 3000), 24)):
         files = jpegs(size, count)
@@ -85,16 +85,16 @@ def bench_prepare(report: Report, threads: int, tmp: Path) -> None:
         for i, data in enumerate(files):
             path = folder / f"{i:04d}.jpg"
             path.write_bytes(data)
-            items.append(cd.Item(path.name, path.name, "file", str(path)))
-        cd.preresize_bytes(files[0], "warm", 364, cfg)
+            items.append(fanout.Item(path.name, path.name, "file", str(path)))
+        fanout.preresize_bytes(files[0], "warm", 364, cfg)
         cpu, wall = time.process_time(), time.perf_counter()
         with ThreadPoolExecutor(threads) as pool:
-            small = list(pool.map(lambda d: cd.preresize_bytes(d, "x", 364, cfg), files))
+            small = list(pool.map(lambda d: fanout.preresize_bytes(d, "x", 364, cfg), files))
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         raw_b = sum(map(len, files)) / count
         pre_b = sum(map(len, small)) / count
         cpu2 = time.process_time()
-        prepared = [cd.prepare_file(it, True, 364, cfg, envelope, cd.MAX_BODY_BYTES)
+        prepared = [fanout.prepare_file(it, True, 364, cfg, envelope, fanout.MAX_BODY_BYTES)
                     for it in items]
         cpu2 = time.process_time() - cpu2
         report.emit(mode="prepare", image_size="%dx%d" % size, images=count, threads=threads,

@@ -28,6 +28,7 @@ from PIL import Image
 import caption_dataset as cd
 import config
 import testlib
+from dataset_client import fanout
 from inputs import ImageSource, decode_image
 from support.runpod_sim import RunPodSim, WorkerProcess
 
@@ -115,10 +116,10 @@ def test_body_size_is_measured_on_the_json_the_sdk_sends():
               "include_prompt": True}
     entries = ["data:image/webp;base64," + "QUJD" * 1000, "https://example.com/ä b.jpg?x=1",
                "https://example.com/\u2028\"quoted\"", "data:image/png;base64,AAAA"]
-    envelope = cd.envelope_bytes(fields)
+    envelope = fanout.envelope_bytes(fields)
     for n in range(len(entries) + 1):
         body = {"input": {**fields, "data_urls": entries[:n]}}
-        assert cd.body_bytes(envelope, [cd.json_len(e) for e in entries[:n]]) \
+        assert fanout.body_bytes(envelope, [fanout.json_len(e) for e in entries[:n]]) \
             == len(json.dumps(body).encode())
 
 
@@ -127,19 +128,19 @@ def test_a_torn_last_line_is_dropped_and_the_rest_kept(tmp_path):
     good = [{"source": "a.jpg", "image_path": "a.jpg", "caption": "x"},
             {"source": "b.jpg", "image_path": "b.jpg", "error": "bad"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in good) + '{"source": "c.jp')
-    f = cd.LineFile(str(path))
+    f = fanout.LineFile(str(path))
     assert f.load() == good and f.torn == len('{"source": "c.jp')
     assert path.read_text().endswith('"bad"}\n')  # truncated on disk, so appends stay whole
     f.append([{"source": "c.jpg", "image_path": "c.jpg", "caption": "y"}])
-    assert [r["source"] for r in cd.LineFile(str(path)).load()] == ["a.jpg", "b.jpg", "c.jpg"]
+    assert [r["source"] for r in fanout.LineFile(str(path)).load()] == ["a.jpg", "b.jpg", "c.jpg"]
     path.write_text(json.dumps(good[0]) + "\nnot json\n" + json.dumps(good[1]) + "\n")
-    with pytest.raises(cd.OutputError, match="line 2 is not JSON"):
-        cd.LineFile(str(path)).load()
+    with pytest.raises(fanout.OutputError, match="line 2 is not JSON"):
+        fanout.LineFile(str(path)).load()
 
 
 def test_csv_records_with_quotes_and_newlines_and_a_torn_record(tmp_path):
     path = tmp_path / "out.csv"
-    f = cd.LineFile(str(path), "csv")
+    f = fanout.LineFile(str(path), "csv")
     rows = [{"source": "a,1.jpg", "image_path": "a,1.jpg", "caption": 'say "hi"\nthere'},
             {"source": "b.jpg", "image_path": "b.jpg", "error": "broken"}]
     f.append(rows)
@@ -147,14 +148,14 @@ def test_csv_records_with_quotes_and_newlines_and_a_torn_record(tmp_path):
     first = {"error": "", **rows[0]}
     for cut in range(len(whole)):  # a kill at any byte: only whole records survive
         path.write_bytes(whole[:cut])
-        assert cd.LineFile(str(path), "csv").load() in ([], [first]), cut
+        assert fanout.LineFile(str(path), "csv").load() in ([], [first]), cut
     path.write_bytes(whole)
-    got = cd.LineFile(str(path), "csv").load()
+    got = fanout.LineFile(str(path), "csv").load()
     assert [r["caption"] for r in got] == ['say "hi"\nthere', ""]
     assert list(csv.DictReader(io.StringIO(whole.decode())))[1]["error"] == "broken"
     path.write_text("url,caption\nx,y\n")
-    with pytest.raises(cd.OutputError, match="header"):
-        cd.LineFile(str(path), "csv").load()
+    with pytest.raises(fanout.OutputError, match="header"):
+        fanout.LineFile(str(path), "csv").load()
 
 
 def test_retry_failed_rewrites_without_the_retried_error_lines(tmp_path):
@@ -163,7 +164,7 @@ def test_retry_failed_rewrites_without_the_retried_error_lines(tmp_path):
             {"source": "b", "image_path": "b", "error": "e"},
             {"source": "c", "image_path": "c", "error": "e"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    out = cd.Output("jsonl", str(path), [])
+    out = fanout.Output("jsonl", str(path), [])
     existing = out.load()
     assert existing.done == {("a", "a")} and existing.failed == {("b", "b"), ("c", "c")}
     out.forget({("b", "b")})
@@ -187,36 +188,36 @@ def test_retry_failed_rewrites_without_the_retried_error_lines(tmp_path):
     ({"status": "SOMETHING_NEW"}, "retry"),
 ])
 def test_outcome_table(state, verdict):
-    assert cd.classify(state)[0] == verdict
+    assert fanout.classify(state)[0] == verdict
 
 
 def test_each_image_gets_its_own_reason_when_no_image_could_be_captioned():
     message = ("no image could be captioned (3 failed): data_urls[0]: the server answered HTTP "
                "404 Not Found; check the URL; data_urls[1]: not a readable image: x; y; "
                "data_urls[10]: empty")
-    reasons = cd.split_reasons(message, ["data_urls[0]", "data_urls[1]", "data_urls[10]",
+    reasons = fanout.split_reasons(message, ["data_urls[0]", "data_urls[1]", "data_urls[10]",
                                          "data_urls[2]"])
     assert reasons == {"data_urls[0]": "the server answered HTTP 404 Not Found; check the URL",
                        "data_urls[1]": "not a readable image: x; y", "data_urls[10]": "empty"}
 
 
 def test_rows_map_worker_labels_back_to_items():
-    a = cd.Item("https://h/a.jpg", "https://h/a.jpg", "url", "https://h/a.jpg")
-    z = cd.Item("https://h/z.zip", "https://h/z.zip", "url", "https://h/z.zip")
-    b = cd.Item("https://h/b.jpg", "https://h/b.jpg", "url", "https://h/b.jpg")
-    job = cd.Job([a, z, b], {}, 0, {it.ref: it for it in (a, z, b)})
+    a = fanout.Item("https://h/a.jpg", "https://h/a.jpg", "url", "https://h/a.jpg")
+    z = fanout.Item("https://h/z.zip", "https://h/z.zip", "url", "https://h/z.zip")
+    b = fanout.Item("https://h/b.jpg", "https://h/b.jpg", "url", "https://h/b.jpg")
+    job = fanout.Job([a, z, b], {}, 0, {it.ref: it for it in (a, z, b)})
     output = {"captions": [{"image_path": "https://h/a.jpg", "caption": "A",
                             "alternatives": ["A2"]},
                            {"image_path": "https://h/z.zip/in/c.jpg", "caption": "C"}],
               "errors": [{"image_path": "https://h/z.zip/d.jpg", "error": "bad"}]}
-    rows, missing = cd.rows_from_output(job, output, done=set())
+    rows, missing = fanout.rows_from_output(job, output, done=set())
     assert [(r.source, r.image_path, r.caption, r.error) for r in rows] == [
         ("https://h/a.jpg", "https://h/a.jpg", "A", None),
         ("https://h/z.zip", "in/c.jpg", "C", None), ("https://h/z.zip", "d.jpg", None, "bad")]
     assert rows[0].alternatives == ["A2"] and missing == [b]
-    zjob = cd.Job([z], {}, 0, {z.ref: z})
+    zjob = fanout.Job([z], {}, 0, {z.ref: z})
     zjob.items[0].kind = "zip"
-    rows, missing = cd.rows_from_output(zjob, {"captions": [{"image_path": "in/c.jpg",
+    rows, missing = fanout.rows_from_output(zjob, {"captions": [{"image_path": "in/c.jpg",
                                                              "caption": "C"},
                                                             {"image_path": "e.jpg",
                                                              "caption": "E"}]},
@@ -228,9 +229,9 @@ def test_retry_after_header():
     class R:
         def __init__(self, value):
             self.headers = {"Retry-After": value} if value is not None else {}
-    assert cd.retry_after(R("2")) == 2 and cd.retry_after(R("0.2")) == 0.2
-    assert cd.retry_after(R(None)) is None and cd.retry_after(R("soon")) is None
-    assert cd.retry_after(R("Thu, 01 Jan 1970 00:00:00 GMT")) == 0
+    assert fanout.retry_after(R("2")) == 2 and fanout.retry_after(R("0.2")) == 0.2
+    assert fanout.retry_after(R(None)) is None and fanout.retry_after(R("soon")) is None
+    assert fanout.retry_after(R("Thu, 01 Jan 1970 00:00:00 GMT")) == 0
 
 
 def test_url_lists(tmp_path):
@@ -242,11 +243,11 @@ def test_url_lists(tmp_path):
         w.writerows([[i, u] for i, u in enumerate(urls)])
     (tmp_path / "l.jsonl").write_text("".join(json.dumps({"url": u, "k": 1}) + "\n" for u in urls))
     for name in ("l.txt", "l.csv", "l.jsonl"):
-        assert cd.read_url_list(str(tmp_path / name)) == urls
+        assert fanout.read_url_list(str(tmp_path / name)) == urls
     (tmp_path / "bad.csv").write_text("link\nhttps://e.com/a.jpg\n")
-    with pytest.raises(cd.UsageError, match="no `url` column"):
-        cd.read_url_list(str(tmp_path / "bad.csv"))
-    items = cd.url_items(["ftp://e.com/x.jpg", urls[0]])
+    with pytest.raises(fanout.UsageError, match="no `url` column"):
+        fanout.read_url_list(str(tmp_path / "bad.csv"))
+    items = fanout.url_items(["ftp://e.com/x.jpg", urls[0]])
     assert [i.kind for i in items] == ["bad", "url"] and "ftp" in items[0].ref
 
 
@@ -276,7 +277,7 @@ def worker_pixels(data: bytes, cfg) -> np.ndarray:
 def test_preresized_files_give_the_worker_exactly_the_same_pixels():
     cfg = config.Config.from_env({})
     for name, data in kinds_of_images().items():
-        small = cd.preresize_bytes(data, name, 364, cfg)
+        small = fanout.preresize_bytes(data, name, 364, cfg)
         assert small[:4] == b"RIFF" and len(small) < len(data), name
         assert np.array_equal(worker_pixels(small, cfg), worker_pixels(data, cfg)), name
 
@@ -423,7 +424,7 @@ def test_every_format_is_read_back_by_its_tool(sim, tmp_path, monkeypatch, capsy
               "sub/b.webp": testlib.image_bytes("WEBP", seed=3),
               "sub/deeper/c.JPEG": testlib.jpeg(seed=4), "broken.jpg": testlib.truncated_jpeg(5)}
     folders = {}
-    for fmt in cd.FORMATS:
+    for fmt in fanout.FORMATS:
         folders[fmt] = tmp_path / fmt
         for rel, data in images.items():
             write(folders[fmt] / rel, data)
@@ -437,7 +438,7 @@ def test_every_format_is_read_back_by_its_tool(sim, tmp_path, monkeypatch, capsy
     assert set(truth) == set(images) and truth["broken.jpg"] is None
     with open(outs["csv"], newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
-    assert tuple(rows[0]) == cd.CSV_FIELDS
+    assert tuple(rows[0]) == fanout.CSV_FIELDS
     assert {r["source"]: r["caption"] or None for r in rows} == truth
     assert [r["error"] != "" for r in rows].count(True) == 1
     ds = datasets.load_dataset("imagefolder", data_dir=str(folders["hf"]), split="train",

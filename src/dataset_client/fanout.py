@@ -1427,6 +1427,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     return EXIT_FAILED if stats.failed or stats.failed_before else EXIT_OK
 
-
-if __name__ == "__main__":
-    sys.exit(main())
