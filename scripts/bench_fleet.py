@@ -43,7 +43,7 @@ sys.path[:0] = [str(REPO / "src"), str(REPO / "tests")]
 
 import config  # noqa: E402
 import testlib  # noqa: E402
-from dataset_client import fanout  # noqa: E402
+from dataset_client import fanout, work  # noqa: E402
 from support.runpod_sim import RunPodSim, WorkerProcess  # noqa: E402
 
 CAPTION = ["--num-beams", "1", "--max-length", "5"]
@@ -85,7 +85,7 @@ def bench_prepare(report: Report, threads: int, tmp: Path) -> None:
         for i, data in enumerate(files):
             path = folder / f"{i:04d}.jpg"
             path.write_bytes(data)
-            items.append(fanout.Item(path.name, path.name, "file", str(path)))
+            items.append(work.Item(path.name, path.name, "file", str(path)))
         fanout.preresize_bytes(files[0], "warm", 364, cfg)
         cpu, wall = time.process_time(), time.perf_counter()
         with ThreadPoolExecutor(threads) as pool:

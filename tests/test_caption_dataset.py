@@ -28,7 +28,7 @@ from PIL import Image
 import caption_dataset as cd
 import config
 import testlib
-from dataset_client import fanout
+from dataset_client import fanout, work
 from inputs import ImageSource, decode_image
 from support.runpod_sim import RunPodSim, WorkerProcess
 
@@ -202,10 +202,10 @@ def test_each_image_gets_its_own_reason_when_no_image_could_be_captioned():
 
 
 def test_rows_map_worker_labels_back_to_items():
-    a = fanout.Item("https://h/a.jpg", "https://h/a.jpg", "url", "https://h/a.jpg")
-    z = fanout.Item("https://h/z.zip", "https://h/z.zip", "url", "https://h/z.zip")
-    b = fanout.Item("https://h/b.jpg", "https://h/b.jpg", "url", "https://h/b.jpg")
-    job = fanout.Job([a, z, b], {}, 0, {it.ref: it for it in (a, z, b)})
+    a = work.Item("https://h/a.jpg", "https://h/a.jpg", "url", "https://h/a.jpg")
+    z = work.Item("https://h/z.zip", "https://h/z.zip", "url", "https://h/z.zip")
+    b = work.Item("https://h/b.jpg", "https://h/b.jpg", "url", "https://h/b.jpg")
+    job = work.Job([a, z, b], {}, 0, {it.ref: it for it in (a, z, b)})
     output = {"captions": [{"image_path": "https://h/a.jpg", "caption": "A",
                             "alternatives": ["A2"]},
                            {"image_path": "https://h/z.zip/in/c.jpg", "caption": "C"}],
@@ -215,7 +215,7 @@ def test_rows_map_worker_labels_back_to_items():
         ("https://h/a.jpg", "https://h/a.jpg", "A", None),
         ("https://h/z.zip", "in/c.jpg", "C", None), ("https://h/z.zip", "d.jpg", None, "bad")]
     assert rows[0].alternatives == ["A2"] and missing == [b]
-    zjob = fanout.Job([z], {}, 0, {z.ref: z})
+    zjob = work.Job([z], {}, 0, {z.ref: z})
     zjob.items[0].kind = "zip"
     rows, missing = fanout.rows_from_output(zjob, {"captions": [{"image_path": "in/c.jpg",
                                                              "caption": "C"},
