@@ -28,7 +28,7 @@ from PIL import Image
 import caption_dataset as cd
 import config
 import testlib
-from dataset_client import fanout, work
+from dataset_client import fanout, sources, work
 from inputs import ImageSource, decode_image
 from support.runpod_sim import RunPodSim, WorkerProcess
 
@@ -243,11 +243,11 @@ def test_url_lists(tmp_path):
         w.writerows([[i, u] for i, u in enumerate(urls)])
     (tmp_path / "l.jsonl").write_text("".join(json.dumps({"url": u, "k": 1}) + "\n" for u in urls))
     for name in ("l.txt", "l.csv", "l.jsonl"):
-        assert fanout.read_url_list(str(tmp_path / name)) == urls
+        assert sources.read_url_list(str(tmp_path / name)) == urls
     (tmp_path / "bad.csv").write_text("link\nhttps://e.com/a.jpg\n")
-    with pytest.raises(fanout.UsageError, match="no `url` column"):
-        fanout.read_url_list(str(tmp_path / "bad.csv"))
-    items = fanout.url_items(["ftp://e.com/x.jpg", urls[0]])
+    with pytest.raises(sources.UsageError, match="no `url` column"):
+        sources.read_url_list(str(tmp_path / "bad.csv"))
+    items = sources.url_items(["ftp://e.com/x.jpg", urls[0]])
     assert [i.kind for i in items] == ["bad", "url"] and "ftp" in items[0].ref
 
 
