@@ -43,7 +43,7 @@ sys.path[:0] = [str(REPO / "src"), str(REPO / "tests")]
 
 import config  # noqa: E402
 import testlib  # noqa: E402
-from dataset_client import fanout, work  # noqa: E402
+from dataset_client import packing, work  # noqa: E402
 from support.runpod_sim import RunPodSim, WorkerProcess  # noqa: E402
 
 CAPTION = ["--num-beams", "1", "--max-length", "5"]
@@ -75,7 +75,7 @@ def jpegs(size: tuple[int, int], count: int, distinct: int = 4) -> list[bytes]:
 
 def bench_prepare(report: Report, threads: int, tmp: Path) -> None:
     cfg = config.Config.from_env({})
-    envelope = fanout.envelope_bytes({})
+    envelope = packing.envelope_bytes({})
     import preprocess  # noqa: F401 - torch imported before timing, as the client does
     for size, count in (((640, 480), 200), ((4000, 3000), 24)):
         files = jpegs(size, count)
@@ -86,15 +86,15 @@ def bench_prepare(report: Report, threads: int, tmp: Path) -> None:
             path = folder / f"{i:04d}.jpg"
             path.write_bytes(data)
             items.append(work.Item(path.name, path.name, "file", str(path)))
-        fanout.preresize_bytes(files[0], "warm", 364, cfg)
+        packing.preresize_bytes(files[0], "warm", 364, cfg)
         cpu, wall = time.process_time(), time.perf_counter()
         with ThreadPoolExecutor(threads) as pool:
-            small = list(pool.map(lambda d: fanout.preresize_bytes(d, "x", 364, cfg), files))
+            small = list(pool.map(lambda d: packing.preresize_bytes(d, "x", 364, cfg), files))
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         raw_b = sum(map(len, files)) / count
         pre_b = sum(map(len, small)) / count
         cpu2 = time.process_time()
-        prepared = [fanout.prepare_file(it, True, 364, cfg, envelope, fanout.MAX_BODY_BYTES)
+        prepared = [packing.prepare_file(it, True, 364, cfg, envelope, packing.MAX_BODY_BYTES)
                     for it in items]
         cpu2 = time.process_time() - cpu2
         report.emit(mode="prepare", image_size="%dx%d" % size, images=count, threads=threads,

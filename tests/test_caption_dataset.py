@@ -28,7 +28,7 @@ from PIL import Image
 import caption_dataset as cd
 import config
 import testlib
-from dataset_client import fanout, sources, work
+from dataset_client import fanout, packing, sources, work
 from inputs import ImageSource, decode_image
 from support.runpod_sim import RunPodSim, WorkerProcess
 
@@ -116,10 +116,10 @@ def test_body_size_is_measured_on_the_json_the_sdk_sends():
               "include_prompt": True}
     entries = ["data:image/webp;base64," + "QUJD" * 1000, "https://example.com/ä b.jpg?x=1",
                "https://example.com/\u2028\"quoted\"", "data:image/png;base64,AAAA"]
-    envelope = fanout.envelope_bytes(fields)
+    envelope = packing.envelope_bytes(fields)
     for n in range(len(entries) + 1):
         body = {"input": {**fields, "data_urls": entries[:n]}}
-        assert fanout.body_bytes(envelope, [fanout.json_len(e) for e in entries[:n]]) \
+        assert packing.body_bytes(envelope, [packing.json_len(e) for e in entries[:n]]) \
             == len(json.dumps(body).encode())
 
 
@@ -277,7 +277,7 @@ def worker_pixels(data: bytes, cfg) -> np.ndarray:
 def test_preresized_files_give_the_worker_exactly_the_same_pixels():
     cfg = config.Config.from_env({})
     for name, data in kinds_of_images().items():
-        small = fanout.preresize_bytes(data, name, 364, cfg)
+        small = packing.preresize_bytes(data, name, 364, cfg)
         assert small[:4] == b"RIFF" and len(small) < len(data), name
         assert np.array_equal(worker_pixels(small, cfg), worker_pixels(data, cfg)), name
 

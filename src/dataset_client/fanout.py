@@ -20,13 +20,6 @@ Jobs (decisions):
   the /run body, measured as the SDK sends it (``json.dumps`` of ``{"input": ...}``, default
   separators), stays at most ``--max-body-bytes`` (RunPod's 10,000,000). A file that does not
   fit alone gets a per-image error naming the limit and what to do.
-- Pre-resize (default on; ``--no-preresize``): the worker's own decoding (``inputs.
-  decode_image``: EXIF orientation, RGB, JPEG draft) and resize (``preprocess.resize``, bicubic
-  to ``--image-size``, 364 = the endpoint model's input) then lossless WebP, so the worker sees
-  exactly the pixels it would have made from the original and the captions are the same. The
-  smaller of the two encodings is sent (a small JPEG beats any lossless 364x364 image), and
-  files up to ``RAW_FLOOR`` (64 KiB) are sent as they are without decoding. A file the client
-  cannot decode is sent as it is, so the worker gives its own verdict.
 - Requests: the request flags are ``caption_folder.py``'s (``schema.FIELDS``), checked by the
   worker's own ``schema.parse_request`` before anything is sent; only the flags given are sent.
 - Concurrency: ``--max-in-flight`` (default 32) jobs at once, each submitted and polled (every
@@ -74,11 +67,9 @@ Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import base64
 import csv
 import io
 import json
-import mimetypes
 import os
 import random
 import re
@@ -90,26 +81,24 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from functools import partial
 from typing import Any, Callable, Iterable, Sequence
 
 from caption_folder import FLAG_FIELDS, add_request_flags, parse_options, write_caption
 from config import BUCKET_FIELDS, ENV, Config, ConfigError
 from deliver import caption_text
-from errors import ImageError, JobError, short
-from inputs import ImageSource, decode_image, human_size, printable
+from errors import JobError, short
+from inputs import human_size, printable
 
+from .packing import MAX_BODY_BYTES, body_bytes, envelope_bytes, json_len, prepare_file
 from .sources import UsageError, plan_items, s3_client
 from .work import Item, Job, Prepared, Result, Row
 
-MAX_BODY_BYTES = 10_000_000  # RunPod's /run body limit
 IMAGES_PER_JOB = 256
 MAX_IN_FLIGHT = 32
 RETRIES = 3
 JOB_TIMEOUT_S = 600.0
 POLL_INTERVAL_S = 1.0
 IMAGE_SIZE = 364  # caption_coco_opt2.7b's (and tiny-random's) input size
-RAW_FLOOR = 64 * 1024  # files this small are sent as they are: no lossless 364 px image is smaller
 URL_EXPIRY_S = 24 * 3600
 BACKOFF_MAX_S = 30.0
 FORMATS = ("jsonl", "csv", "hf", "txt")
@@ -124,71 +113,6 @@ _SIGNED = re.compile(r"\?[^\s'\")]*X-Amz-[^\s'\")]*")  # presigned query strings
 
 class Fatal(Exception):
     """The endpoint refuses the run as a whole (bad key, unknown endpoint): stop, exit 2."""
-
-
-# --- preparing inline files ------------------------------------------------------------------
-
-def json_len(value: Any) -> int:
-    """Bytes ``value`` takes in the /run body (requests sends ``json.dumps(body)``, ASCII)."""
-    return len(json.dumps(value))
-
-
-def envelope_bytes(fields: dict) -> int:
-    """The body's size with an empty ``data_urls`` list."""
-    return json_len({"input": {**fields, "data_urls": []}})
-
-
-def body_bytes(envelope: int, entry_sizes: Sequence[int]) -> int:
-    """Exact size of the body with these entries: ``[a, b]`` adds each entry plus ", " between."""
-    return envelope + sum(entry_sizes) + 2 * max(len(entry_sizes) - 1, 0)
-
-
-def preresize_bytes(raw: bytes, name: str, size: int, cfg: Config) -> bytes:
-    """The pixels the worker would feed the model, as lossless WebP. Raises ImageError."""
-    from preprocess import resize  # imports torch: only when pre-resizing
-    src = ImageSource((0, 0), name, partial(io.BytesIO, raw))
-    img = resize(decode_image(src, cfg, size), size)
-    img.info.clear()  # no EXIF orientation, transparency or ICC carried into the copy
-    buf = io.BytesIO()
-    img.save(buf, "WEBP", lossless=True, quality=0, method=0)
-    return buf.getvalue()
-
-
-def too_large(name: str, body: int, limit: int, preresized: bool, preresize: bool) -> str:
-    how = "pre-resized" if preresized else "sent as it is" + (
-        "" if preresize else " (--no-preresize)")
-    todo = "" if preresize else "drop --no-preresize, or "
-    whose = ("RunPod's " if limit == MAX_BODY_BYTES else "the ") + f"{limit:,}-byte /run body limit"
-    if limit != MAX_BODY_BYTES:
-        whose += " (--max-body-bytes)"
-    return (f"too large to send inline: as a data: URI it makes a {body:,}-byte /run request "
-            f"body ({how}), over {whose}; {todo}host the "
-            "image and pass a URL list (.txt, .csv or .jsonl), or put it in a bucket and pass "
-            "s3://bucket/prefix")
-
-
-def prepare_file(item: Item, preresize: bool, size: int, cfg: Config, envelope: int,
-                 limit: int) -> Prepared:
-    """Read (and pre-resize) one local file into its data: URI. Thread-safe."""
-    try:
-        with open(item.ref, "rb") as fh:
-            raw = fh.read()
-    except OSError as exc:
-        return Prepared("", 0, error=f"could not read the file ({exc.strerror or exc})")
-    data, mime, done = raw, mimetypes.guess_type(item.ref)[0] or "application/octet-stream", False
-    if preresize and len(raw) > RAW_FLOOR:
-        try:
-            small = preresize_bytes(raw, item.source, size, cfg)
-        except ImageError:
-            small = None  # sent as it is: the worker gives its own verdict
-        if small is not None and len(small) < len(raw):
-            data, mime, done = small, "image/webp", True
-    entry = f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
-    prepared = Prepared(entry, json_len(entry), len(raw), len(data), done)
-    if body_bytes(envelope, [prepared.entry_bytes]) > limit:
-        return Prepared("", 0, len(raw), error=too_large(
-            item.source, body_bytes(envelope, [prepared.entry_bytes]), limit, done, preresize))
-    return prepared
 
 
 # --- jobs ------------------------------------------------------------------------------------
