@@ -28,7 +28,7 @@ from PIL import Image
 import caption_dataset as cd
 import config
 import testlib
-from dataset_client import fanout, packing, sources, work
+from dataset_client import fanout, outcomes, packing, sources, work
 from inputs import ImageSource, decode_image
 from support.runpod_sim import RunPodSim, WorkerProcess
 
@@ -188,14 +188,14 @@ def test_retry_failed_rewrites_without_the_retried_error_lines(tmp_path):
     ({"status": "SOMETHING_NEW"}, "retry"),
 ])
 def test_outcome_table(state, verdict):
-    assert fanout.classify(state)[0] == verdict
+    assert outcomes.classify(state)[0] == verdict
 
 
 def test_each_image_gets_its_own_reason_when_no_image_could_be_captioned():
     message = ("no image could be captioned (3 failed): data_urls[0]: the server answered HTTP "
                "404 Not Found; check the URL; data_urls[1]: not a readable image: x; y; "
                "data_urls[10]: empty")
-    reasons = fanout.split_reasons(message, ["data_urls[0]", "data_urls[1]", "data_urls[10]",
+    reasons = outcomes.split_reasons(message, ["data_urls[0]", "data_urls[1]", "data_urls[10]",
                                          "data_urls[2]"])
     assert reasons == {"data_urls[0]": "the server answered HTTP 404 Not Found; check the URL",
                        "data_urls[1]": "not a readable image: x; y", "data_urls[10]": "empty"}
@@ -210,14 +210,14 @@ def test_rows_map_worker_labels_back_to_items():
                             "alternatives": ["A2"]},
                            {"image_path": "https://h/z.zip/in/c.jpg", "caption": "C"}],
               "errors": [{"image_path": "https://h/z.zip/d.jpg", "error": "bad"}]}
-    rows, missing = fanout.rows_from_output(job, output, done=set())
+    rows, missing = outcomes.rows_from_output(job, output, done=set())
     assert [(r.source, r.image_path, r.caption, r.error) for r in rows] == [
         ("https://h/a.jpg", "https://h/a.jpg", "A", None),
         ("https://h/z.zip", "in/c.jpg", "C", None), ("https://h/z.zip", "d.jpg", None, "bad")]
     assert rows[0].alternatives == ["A2"] and missing == [b]
     zjob = work.Job([z], {}, 0, {z.ref: z})
     zjob.items[0].kind = "zip"
-    rows, missing = fanout.rows_from_output(zjob, {"captions": [{"image_path": "in/c.jpg",
+    rows, missing = outcomes.rows_from_output(zjob, {"captions": [{"image_path": "in/c.jpg",
                                                              "caption": "C"},
                                                             {"image_path": "e.jpg",
                                                              "caption": "E"}]},
