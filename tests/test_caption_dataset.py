@@ -29,6 +29,7 @@ import caption_dataset as cd
 import config
 import testlib
 from dataset_client import fanout, outcomes, packing, sources, work
+from dataset_client.endpoint import retry_after
 from inputs import ImageSource, decode_image
 from support.runpod_sim import RunPodSim, WorkerProcess
 
@@ -229,9 +230,9 @@ def test_retry_after_header():
     class R:
         def __init__(self, value):
             self.headers = {"Retry-After": value} if value is not None else {}
-    assert fanout.retry_after(R("2")) == 2 and fanout.retry_after(R("0.2")) == 0.2
-    assert fanout.retry_after(R(None)) is None and fanout.retry_after(R("soon")) is None
-    assert fanout.retry_after(R("Thu, 01 Jan 1970 00:00:00 GMT")) == 0
+    assert retry_after(R("2")) == 2 and retry_after(R("0.2")) == 0.2
+    assert retry_after(R(None)) is None and retry_after(R("soon")) is None
+    assert retry_after(R("Thu, 01 Jan 1970 00:00:00 GMT")) == 0
 
 
 def test_url_lists(tmp_path):

@@ -22,10 +22,6 @@ Jobs (decisions):
   fit alone gets a per-image error naming the limit and what to do.
 - Requests: the request flags are ``caption_folder.py``'s (``schema.FIELDS``), checked by the
   worker's own ``schema.parse_request`` before anything is sent; only the flags given are sent.
-- Concurrency: ``--max-in-flight`` (default 32) jobs at once, each submitted and polled (every
-  ``--poll-interval`` s) by its own thread with its own SDK session. A 429 from /run or /status
-  waits ``Retry-After`` (else an exponential back-off) and carries on; network errors and 5xx
-  answers are retried the same way.
 - Ctrl-C (or SIGTERM): stop submitting, cancel the jobs in flight through the API, write what
   finished, print the summary, exit 130 (143). A second Ctrl-C stops at once.
 
@@ -62,7 +58,6 @@ import csv
 import io
 import json
 import os
-import random
 import re
 import signal
 import sys
@@ -71,7 +66,6 @@ import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 from typing import Any, Callable, Iterable, Sequence
 
 from caption_folder import FLAG_FIELDS, add_request_flags, parse_options, write_caption
@@ -80,6 +74,7 @@ from deliver import caption_text
 from errors import JobError, short
 from inputs import human_size, printable
 
+from .endpoint import Fatal, Fleet
 from .outcomes import classify, rows_from_output, split_reasons
 from .packing import MAX_BODY_BYTES, body_bytes, envelope_bytes, json_len, prepare_file
 from .sources import UsageError, plan_items, s3_client
@@ -92,201 +87,10 @@ JOB_TIMEOUT_S = 600.0
 POLL_INTERVAL_S = 1.0
 IMAGE_SIZE = 364  # caption_coco_opt2.7b's (and tiny-random's) input size
 URL_EXPIRY_S = 24 * 3600
-BACKOFF_MAX_S = 30.0
 FORMATS = ("jsonl", "csv", "hf", "txt")
-FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT")
-LIVE_STATES = ("IN_QUEUE", "IN_PROGRESS")
 CSV_FIELDS = ("source", "image_path", "caption", "error")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 _SIGNED = re.compile(r"\?[^\s'\")]*X-Amz-[^\s'\")]*")  # presigned query strings in messages
-
-
-class Fatal(Exception):
-    """The endpoint refuses the run as a whole (bad key, unknown endpoint): stop, exit 2."""
-
-
-def retry_after(response) -> float | None:
-    """Seconds from a Retry-After header (seconds or an HTTP date), None when absent."""
-    value = response.headers.get("Retry-After") if response is not None else None
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-
-
-def backoff(attempt: int) -> float:
-    return min(BACKOFF_MAX_S, 0.5 * 2 ** attempt) * random.uniform(0.5, 1.0)
-
-
-# --- talking to the endpoint -----------------------------------------------------------------
-
-class Fleet:
-    """Submits and polls jobs with the runpod SDK, one session per thread."""
-
-    def __init__(self, endpoint_id: str, api_key: str, base_url: str, poll_s: float,
-                 job_timeout: float, stop: threading.Event):
-        self.endpoint_id = endpoint_id
-        self._key = api_key
-        self.base_url = base_url
-        self.poll_s = poll_s
-        self.job_timeout = job_timeout
-        self.stop = stop
-        self.moved = time.monotonic()  # the last change seen on any job of the run
-        self.throttled = 0  # 429 answers seen (after the SDK's own retries)
-        self.network_errors = 0
-        self._local = threading.local()
-
-    def endpoint(self):
-        ep = getattr(self._local, "endpoint", None)
-        if ep is None:
-            import runpod
-            ep = runpod.Endpoint(self.endpoint_id, api_key=self._key)
-            ep.rp_client.endpoint_url_base = self.base_url
-            self._local.endpoint = ep
-        return ep
-
-    def run(self, job: Job) -> Result:
-        """Submit the job and follow it to a final state (or lose it, or stop)."""
-        submitted = self._submit(job)
-        if not isinstance(submitted, str):
-            return submitted
-        return self._follow(submitted)
-
-    def _submit(self, job: Job) -> Result | str:
-        import requests
-        ep = self.endpoint()
-        first_try, attempt = time.monotonic(), 0
-        while True:
-            if self.stop.is_set():
-                return Result("stopped")
-            try:
-                rp_job = ep.run({"input": job.input})
-                job_id = rp_job.job_id
-                job.input = {}  # up to 10 MB of base64: not kept while the job runs
-                if self.stop.is_set():
-                    self.cancel(job_id)
-                    return Result("stopped")
-                return job_id
-            except RuntimeError as exc:  # the SDK's 401
-                raise Fatal(f"the endpoint refused RUNPOD_API_KEY ({short(str(exc), 200)}); "
-                            "check the key") from None
-            except requests.HTTPError as exc:
-                code = exc.response.status_code if exc.response is not None else 0
-                if code == 404:
-                    raise Fatal(f"endpoint {self.endpoint_id!r} not found at {self.base_url} "
-                                "(HTTP 404 on /run); check --endpoint") from None
-                if code == 429:
-                    self.throttled += 1
-                    wait_s = retry_after(exc.response)
-                    self.stop.wait(backoff(attempt) if wait_s is None else wait_s)
-                    attempt += 1
-                    continue
-                if 400 <= code < 500 and code != 408:
-                    text = short(exc.response.text if exc.response is not None else "", 200)
-                    return Result("rejected", reason=f"the endpoint refused the job: HTTP "
-                                                     f"{code} on /run ({text})")
-                reason = f"HTTP {code} on /run"
-            except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
-                reason = f"{type(exc).__name__} on /run"
-            self.network_errors += 1
-            if time.monotonic() - first_try > self.job_timeout:
-                return Result("lost", reason=f"could not submit the job for "
-                                             f"{self.job_timeout:g} s ({reason})")
-            self.stop.wait(backoff(attempt))
-            attempt += 1
-
-    def _follow(self, job_id: str) -> Result:
-        import requests
-        ep = self.endpoint()
-        last: tuple | None = None
-        changed = time.monotonic()
-        attempt = 0
-        while True:
-            if self.stop.wait(self.poll_s):
-                return self._last_look(job_id)
-            try:
-                state = ep.rp_client.get(f"{self.endpoint_id}/status/{job_id}")
-                attempt = 0
-            except RuntimeError as exc:
-                raise Fatal(f"the endpoint refused RUNPOD_API_KEY ({short(str(exc), 200)})"
-                            ) from None
-            except requests.HTTPError as exc:
-                code = exc.response.status_code if exc.response is not None else 0
-                if code == 404:
-                    return Result("lost", reason="the endpoint no longer knows the job (status "
-                                                 "not found: expired or lost)")
-                if code == 429:
-                    self.throttled += 1
-                    wait_s = retry_after(exc.response)
-                    self.stop.wait(backoff(attempt) if wait_s is None else wait_s)
-                else:
-                    self.network_errors += 1
-                    self.stop.wait(backoff(attempt))
-                attempt += 1
-                state = None
-            except requests.exceptions.RetryError:  # the SDK's own 429 retries ran out
-                self.throttled += 1
-                self.stop.wait(backoff(attempt))
-                attempt += 1
-                state = None
-            except (requests.RequestException, ValueError):
-                self.network_errors += 1
-                self.stop.wait(backoff(attempt))
-                attempt += 1
-                state = None
-            now = time.monotonic()
-            if isinstance(state, dict):
-                status = state.get("status")
-                progress = state.get("output") if status == "IN_PROGRESS" else None
-                sign = (status, progress if isinstance(progress, str) else None)
-                if sign != last:
-                    last, changed = sign, now
-                    self.moved = now
-                if status in FINAL_STATES:
-                    return Result("state", state)
-                if status not in LIVE_STATES:
-                    return Result("lost", reason=f"the endpoint answered status "
-                                                 f"{short(str(status), 40)}")
-            since = changed if last and last[0] == "IN_PROGRESS" else max(changed, self.moved)
-            if now - since > self.job_timeout:
-                self.cancel(job_id)
-                where = last[0] if last else "no answer"
-                return Result("lost", reason=f"no progress for {self.job_timeout:g} s "
-                                             f"({where}; --job-timeout)")
-
-    def _last_look(self, job_id: str) -> Result:
-        """Stopping: a job that has just finished is kept; any other is cancelled."""
-        try:
-            state = self.endpoint().rp_client.get(f"{self.endpoint_id}/status/{job_id}",
-                                                  timeout=5)
-            if isinstance(state, dict) and state.get("status") in FINAL_STATES:
-                return Result("state", state)
-        except Exception:  # noqa: BLE001 - stopping: best effort
-            pass
-        if self.cancel(job_id) in ("COMPLETED", "FAILED"):  # it finished as we cancelled it
-            try:
-                state = self.endpoint().rp_client.get(f"{self.endpoint_id}/status/{job_id}",
-                                                      timeout=5)
-                if isinstance(state, dict) and state.get("status") in FINAL_STATES:
-                    return Result("state", state)
-            except Exception:  # noqa: BLE001 - stopping: best effort
-                pass
-        return Result("stopped")
-
-    def cancel(self, job_id: str) -> str | None:
-        """Best effort (the job may already be finished or gone); the status it answers."""
-        from runpod.endpoint.runner import Job as RpJob
-        try:
-            answer = RpJob(self.endpoint_id, job_id, self.endpoint().rp_client).cancel()
-            return answer.get("status") if isinstance(answer, dict) else None
-        except Exception:  # noqa: BLE001 - cancelling is a courtesy; never fatal
-            return None
 
 
 # --- output files ----------------------------------------------------------------------------
