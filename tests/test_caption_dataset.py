@@ -28,7 +28,7 @@ from PIL import Image
 import caption_dataset as cd
 import config
 import testlib
-from dataset_client import fanout, outcomes, packing, sources, work
+from dataset_client import outcomes, outfiles, packing, sources, work
 from dataset_client.endpoint import retry_after
 from inputs import ImageSource, decode_image
 from support.runpod_sim import RunPodSim, WorkerProcess
@@ -129,19 +129,19 @@ def test_a_torn_last_line_is_dropped_and_the_rest_kept(tmp_path):
     good = [{"source": "a.jpg", "image_path": "a.jpg", "caption": "x"},
             {"source": "b.jpg", "image_path": "b.jpg", "error": "bad"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in good) + '{"source": "c.jp')
-    f = fanout.LineFile(str(path))
+    f = outfiles.LineFile(str(path))
     assert f.load() == good and f.torn == len('{"source": "c.jp')
     assert path.read_text().endswith('"bad"}\n')  # truncated on disk, so appends stay whole
     f.append([{"source": "c.jpg", "image_path": "c.jpg", "caption": "y"}])
-    assert [r["source"] for r in fanout.LineFile(str(path)).load()] == ["a.jpg", "b.jpg", "c.jpg"]
+    assert [r["source"] for r in outfiles.LineFile(str(path)).load()] == ["a.jpg", "b.jpg", "c.jpg"]
     path.write_text(json.dumps(good[0]) + "\nnot json\n" + json.dumps(good[1]) + "\n")
-    with pytest.raises(fanout.OutputError, match="line 2 is not JSON"):
-        fanout.LineFile(str(path)).load()
+    with pytest.raises(outfiles.OutputError, match="line 2 is not JSON"):
+        outfiles.LineFile(str(path)).load()
 
 
 def test_csv_records_with_quotes_and_newlines_and_a_torn_record(tmp_path):
     path = tmp_path / "out.csv"
-    f = fanout.LineFile(str(path), "csv")
+    f = outfiles.LineFile(str(path), "csv")
     rows = [{"source": "a,1.jpg", "image_path": "a,1.jpg", "caption": 'say "hi"\nthere'},
             {"source": "b.jpg", "image_path": "b.jpg", "error": "broken"}]
     f.append(rows)
@@ -149,14 +149,14 @@ def test_csv_records_with_quotes_and_newlines_and_a_torn_record(tmp_path):
     first = {"error": "", **rows[0]}
     for cut in range(len(whole)):  # a kill at any byte: only whole records survive
         path.write_bytes(whole[:cut])
-        assert fanout.LineFile(str(path), "csv").load() in ([], [first]), cut
+        assert outfiles.LineFile(str(path), "csv").load() in ([], [first]), cut
     path.write_bytes(whole)
-    got = fanout.LineFile(str(path), "csv").load()
+    got = outfiles.LineFile(str(path), "csv").load()
     assert [r["caption"] for r in got] == ['say "hi"\nthere', ""]
     assert list(csv.DictReader(io.StringIO(whole.decode())))[1]["error"] == "broken"
     path.write_text("url,caption\nx,y\n")
-    with pytest.raises(fanout.OutputError, match="header"):
-        fanout.LineFile(str(path), "csv").load()
+    with pytest.raises(outfiles.OutputError, match="header"):
+        outfiles.LineFile(str(path), "csv").load()
 
 
 def test_retry_failed_rewrites_without_the_retried_error_lines(tmp_path):
@@ -165,7 +165,7 @@ def test_retry_failed_rewrites_without_the_retried_error_lines(tmp_path):
             {"source": "b", "image_path": "b", "error": "e"},
             {"source": "c", "image_path": "c", "error": "e"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    out = fanout.Output("jsonl", str(path), [])
+    out = outfiles.Output("jsonl", str(path), [])
     existing = out.load()
     assert existing.done == {("a", "a")} and existing.failed == {("b", "b"), ("c", "c")}
     out.forget({("b", "b")})
@@ -425,7 +425,7 @@ def test_every_format_is_read_back_by_its_tool(sim, tmp_path, monkeypatch, capsy
               "sub/b.webp": testlib.image_bytes("WEBP", seed=3),
               "sub/deeper/c.JPEG": testlib.jpeg(seed=4), "broken.jpg": testlib.truncated_jpeg(5)}
     folders = {}
-    for fmt in fanout.FORMATS:
+    for fmt in outfiles.FORMATS:
         folders[fmt] = tmp_path / fmt
         for rel, data in images.items():
             write(folders[fmt] / rel, data)
@@ -439,7 +439,7 @@ def test_every_format_is_read_back_by_its_tool(sim, tmp_path, monkeypatch, capsy
     assert set(truth) == set(images) and truth["broken.jpg"] is None
     with open(outs["csv"], newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
-    assert tuple(rows[0]) == fanout.CSV_FIELDS
+    assert tuple(rows[0]) == outfiles.CSV_FIELDS
     assert {r["source"]: r["caption"] or None for r in rows} == truth
     assert [r["error"] != "" for r in rows].count(True) == 1
     ds = datasets.load_dataset("imagefolder", data_dir=str(folders["hf"]), split="train",
