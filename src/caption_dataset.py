@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from dataset_client.fanout import main
+from dataset_client.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())
