@@ -13,6 +13,6 @@ service (the worker's modules never import it). The modules, in the order the wo
 - ``outcomes``: what a job's final state means for its images;
 - ``work``: the records the others hand each other.
 
-Imports go one way: ``cli`` imports ``fanout``, which imports the parts below it; they all
-imports ``work``, which imports nothing of the project.
+Imports go one way, with no cycle: ``cli`` -> ``fanout`` -> the other parts -> ``work``, which
+imports nothing of the project (``cli`` also takes what it needs from the parts directly).
 """

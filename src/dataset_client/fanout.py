@@ -28,9 +28,9 @@ from .endpoint import Fleet
 from .outcomes import classify, rows_from_output, split_reasons
 from .outfiles import Existing, Output
 from .packing import body_bytes, envelope_bytes, json_len, prepare_file
+from .sources import presigned_url
 from .work import Item, Job, Prepared, Result, Row
 
-URL_EXPIRY_S = 24 * 3600
 _SIGNED = re.compile(r"\?[^\s'\")]*X-Amz-[^\s'\")]*")  # presigned query strings in messages
 
 
@@ -129,9 +129,7 @@ class Run:
     def _entry(self, item: Item) -> Prepared:
         if item.kind == "url":
             return Prepared(item.ref, json_len(item.ref))
-        url = self.s3.generate_presigned_url(
-            "get_object", Params={"Bucket": item.bucket, "Key": item.ref},
-            ExpiresIn=URL_EXPIRY_S)
+        url = presigned_url(self.s3, item)
         return Prepared(url, json_len(url))
 
     def next_job(self) -> Job | None:

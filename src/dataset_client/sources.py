@@ -31,6 +31,7 @@ from errors import short
 from .work import Item
 
 LIST_EXTENSIONS = (".txt", ".csv", ".jsonl")
+URL_EXPIRY_S = 24 * 3600
 
 
 class UsageError(Exception):
@@ -144,6 +145,14 @@ def s3_items(uri: str, client) -> list[Item]:
                          f"{short(str(exc), 200)}); check BUCKET_ENDPOINT_URL / the AWS "
                          "settings and credentials") from None
     return items
+
+
+def presigned_url(client, item: Item) -> str:
+    """The GET URL sent for an s3 item: made when its job is submitted, valid ``URL_EXPIRY_S``
+    (why: the s3:// paragraph above)."""
+    return client.generate_presigned_url(
+        "get_object", Params={"Bucket": item.bucket, "Key": item.ref},
+        ExpiresIn=URL_EXPIRY_S)
 
 
 def plan_items(sources: Sequence[str], fmt: str, out: str, s3=None) -> tuple[list[Item], int]:
