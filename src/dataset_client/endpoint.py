@@ -181,22 +181,21 @@ class Fleet:
 
     def _last_look(self, job_id: str) -> Result:
         """Stopping: a job that has just finished is kept; any other is cancelled."""
+        state = self._final_state(job_id)
+        if state is None and self.cancel(job_id) in ("COMPLETED", "FAILED"):
+            state = self._final_state(job_id)  # it finished as we cancelled it
+        return Result("stopped") if state is None else Result("state", state)
+
+    def _final_state(self, job_id: str) -> dict | None:
+        """The job's /status answer if it is final; None otherwise or on any error."""
         try:
             state = self.endpoint().rp_client.get(f"{self.endpoint_id}/status/{job_id}",
                                                   timeout=5)
-            if isinstance(state, dict) and state.get("status") in FINAL_STATES:
-                return Result("state", state)
         except Exception:  # noqa: BLE001 - stopping: best effort
-            pass
-        if self.cancel(job_id) in ("COMPLETED", "FAILED"):  # it finished as we cancelled it
-            try:
-                state = self.endpoint().rp_client.get(f"{self.endpoint_id}/status/{job_id}",
-                                                      timeout=5)
-                if isinstance(state, dict) and state.get("status") in FINAL_STATES:
-                    return Result("state", state)
-            except Exception:  # noqa: BLE001 - stopping: best effort
-                pass
-        return Result("stopped")
+            return None
+        if isinstance(state, dict) and state.get("status") in FINAL_STATES:
+            return state
+        return None
 
     def cancel(self, job_id: str) -> str | None:
         """Best effort (the job may already be finished or gone); the status it answers."""
