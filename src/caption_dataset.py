@@ -115,8 +115,9 @@ from caption_folder import (FLAG_FIELDS, IMAGE_EXTENSIONS, add_request_flags, fi
                             parse_options, write_caption)
 from config import BUCKET_FIELDS, ENV, Config, ConfigError
 from deliver import CaptionNames, caption_text
-from errors import ImageError, JobError, short
-from inputs import ImageSource, decode_image, human_size, printable
+from errors import ImageError, JobError
+from inputs import ImageSource, decode_image
+from text import human_size, printable, short
 
 MAX_BODY_BYTES = 10_000_000  # RunPod's /run body limit
 IMAGES_PER_JOB = 256

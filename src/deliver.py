@@ -49,8 +49,7 @@ from typing import Any, Iterable, Sequence
 from urllib.parse import unquote, urlsplit
 
 from config import BUCKET_FIELDS, ENV, Config
-from errors import short
-from inputs import human_size
+from text import human_size, short
 
 log = logging.getLogger("blip.deliver")
 

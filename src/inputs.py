@@ -85,8 +85,9 @@ from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 from runpod.serverless.utils import rp_ssrf
 
 from config import ENV, Config
-from errors import ImageError, JobError, short
+from errors import ImageError, JobError
 from schema import SOURCE_FORMS, source_problem
+from text import FORMAT_LIST, human_size, printable, short
 
 IMAGE_SIDE = 364  # preprocess.IMAGE_SIZE (not imported: it pulls in torch)
 RATIO_FLOOR = 64 * 1024  # members smaller than this (uncompressed) skip the ratio check
@@ -97,7 +98,6 @@ _WHITESPACE = (" ", "\n", "\r", "\t", "\f", "\v")  # what line-wrapped base64 ma
 
 ZIP = "ZIP"
 IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF")  # PIL format names
-FORMAT_LIST = "JPEG, PNG, GIF, WebP, BMP, TIFF or AVIF"
 _MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"),
           (b"GIF89a", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
           (b"II+\x00", "TIFF"), (b"MM\x00+", "TIFF"), (b"PK\x03\x04", ZIP), (b"PK\x05\x06", ZIP))
@@ -167,13 +167,6 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
-def human_size(n: float) -> str:
-    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= factor:
-            return f"{n / factor:.3g} {unit}"
-    return f"{n:.0f} bytes"
-
-
 def _megapixels(n: int) -> str:
     return f"{n / 1e6:.0f} MP" if n >= 100e6 else f"{n / 1e6:.3g} MP"
 
@@ -182,18 +175,6 @@ def _reason(exc: BaseException) -> str:
     """A short, path-free description of an exception."""
     text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     return short(printable(text), 100)
-
-
-def printable(text: str) -> str:
-    """``text`` with every unprintable character (controls such as a newline, lone surrogates,
-    bidi overrides) written as its escape (``\\n``, ``\\ud800``): what comes from a job's input
-    (a URL, a member name) goes into labels, messages and logs as one readable line that also
-    encodes as UTF-8. A lone surrogate, legal in JSON input, would otherwise make the result
-    unsendable (runpod encodes it as UTF-8: the local API answers 500, RunPod gets no result)."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-                   for c in text)
 
 
 def _base64_reason(exc: binascii.Error) -> str:

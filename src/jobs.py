@@ -31,8 +31,9 @@ import schema
 from batcher import Batcher, Producer
 from config import Config
 from engine import BaseEngine, CaptionResult, FatalDeviceError, is_fatal_device_error
-from errors import ImageError, JobError, short
+from errors import ImageError, JobError
 from inputs import ImageFailure, ImageSource, JobInputs, decode_image
+from text import short
 
 log = logging.getLogger("blip.jobs")
 

@@ -24,8 +24,8 @@ from typing import Any, Sequence
 import deliver
 from config import Config
 from engine import CaptionResult, compose
-from errors import JobError, short
-from inputs import FORMAT_LIST
+from errors import JobError
+from text import FORMAT_LIST, short
 
 MAX_ERRORS_IN_MESSAGE = 10
 

@@ -39,7 +39,7 @@ POISON = "poison the gpu"
 WORKER_ENV = {"BLIP_MODEL": "tiny-random", "DOWNLOAD_DEADLINE_S": str(DEADLINE_S),
               "DOWNLOAD_RETRY_BACKOFF_S": "0.01", "BLIP_INJECT_CUDA_ERROR_PROMPT": POISON}
 API_CHAOS = {"BLIP_INJECT_OOM_ABOVE_BATCH": "3"}  # the API server runs out of memory too
-LONG = 120  # errors.short's limit: no input value longer than this may appear in an error
+LONG = 120  # text.short's limit: no input value longer than this may appear in an error
 
 
 # --- the two workers -------------------------------------------------------------------------
