@@ -1,5 +1,6 @@
-from .download import (IMAGE_FORMATS, ImageFailure, ImageSource, JobInputs, apply_pil_limits,
-                       decode_image)
+from .decode import apply_pil_limits, decode_image
+from .download import ImageFailure, ImageSource, JobInputs
+from .sniff import IMAGE_FORMATS
 
 __all__ = ["IMAGE_FORMATS", "ImageFailure", "ImageSource", "JobInputs", "apply_pil_limits",
            "decode_image"]
