@@ -1,5 +1,5 @@
 from .decode import apply_pil_limits, decode_image
-from .download import ImageFailure, ImageSource, JobInputs
+from .job_inputs import ImageFailure, ImageSource, JobInputs
 from .sniff import IMAGE_FORMATS
 
 __all__ = ["IMAGE_FORMATS", "ImageFailure", "ImageSource", "JobInputs", "apply_pil_limits",

@@ -15,7 +15,7 @@ from errors import ImageError
 from .sniff import HEAD_BYTES, IMAGE_FORMATS, ZIP, _not_an_image, _reason, sniff
 
 if TYPE_CHECKING:
-    from .download import ImageSource
+    from .job_inputs import ImageSource
 
 IMAGE_SIDE = 364  # preprocess.IMAGE_SIZE (not imported: it pulls in torch)
 
