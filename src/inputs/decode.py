@@ -1,4 +1,12 @@
-"""Decoding one image: from an ``ImageSource`` to a PIL RGB image, guarded against bombs."""
+"""Decoding one image: from an ``ImageSource`` to a PIL RGB image, guarded against bombs.
+
+PIL limited to ``IMAGE_FORMATS`` (the types ``sniff`` tells); width*height checked against
+MAX_IMAGE_PIXELS right after ``Image.open`` (before pixels load); JPEGs decode in draft mode at
+a DCT scale no smaller than ``min_side`` on each side; EXIF orientation applied; first frame of
+animations. Colour is converted as LAVIS does (``convert("RGB")``: transparency is dropped, not
+composited on white), except 16-bit grayscale, which PIL would clip to white: it is scaled to 8
+bits first.
+"""
 from __future__ import annotations
 
 import re

@@ -1,13 +1,5 @@
-"""Inputs: from a job's sources (URLs, data: URIs, zips of images) to decoded RGB images.
+"""Downloading one URL to a file: the downloader, its watchdog and the socket guard.
 
-``JobInputs(sources, single, cfg)`` is a context manager that owns one private temporary
-directory and one bounded download pool per job. Iterating it yields ``ImageSource`` (one image
-ready to decode) and ``ImageFailure`` (one image that failed) AS THEY BECOME READY, so the caller
-can decode and caption while downloads continue; ``order`` gives the final output order.
-``decode_image(src, cfg)`` turns an ``ImageSource`` into a PIL RGB image (thread-safe).
-
-Fetching:
-- Sources are http(s) URLs or base64 data: URIs; anything else is refused naming the field.
 - Downloads go through runpod's ``rp_ssrf.safe_get`` (non-public addresses refused, every
   redirect hop re-checked; ``RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS=true`` opens private addresses).
   They run concurrently (DOWNLOAD_CONCURRENCY per job, at most AHEAD_PER_DOWNLOAD sources per
@@ -22,38 +14,6 @@ Fetching:
   (or after the server's Retry-After); other 4xx never.
   Identity encoding is requested; a server that compresses anyway is decoded by urllib3, whose
   decoder bounds its output per read, and the cap counts decoded bytes (gzip bombs stop there).
-- The type comes from the content (magic bytes), never from the URL or Content-Type. The size
-  cap is enforced while streaming: the larger of MAX_IMAGE_BYTES / MAX_ZIP_BYTES until the first
-  bytes tell the type, then that type's cap; reading stops at the cap whatever Content-Length
-  said. Files are streamed into the job directory, named by source index, never held in memory.
-
-Zips (read in place, nothing is ever extracted, so zip-slip names are just labels):
-- Skipped and counted in ``skipped``: directories, ``__MACOSX/``, hidden files (a path component
-  starting with "."), caption/metadata side files by name (``.txt``, ``.caption``, ``.json``,
-  ...: not counted against MAX_IMAGES_PER_JOB), and members whose content is not an image
-  unless their name says it should be one (``x.jpg`` holding text is a per-image error).
-- Per-image errors: symlink members, encrypted members, compression other than stored/deflate,
-  a member over MAX_IMAGE_BYTES, a zip inside the zip, a damaged member.
-- Job errors, checked from the central directory before anything is decompressed: more image
-  candidates than MAX_IMAGES_PER_JOB, more than MAX_ZIP_UNCOMPRESSED_BYTES in total, or a member
-  whose compression ratio exceeds MAX_ZIP_RATIO (members under ``RATIO_FLOOR`` = 64 KiB
-  uncompressed are exempt: tiny files compress wildly without being bombs). While reading, a
-  member never yields more than its declared size (zipfile stops there and checks the CRC), so
-  a lying header is a per-image error. An unreadable zip fails the job when it is ``data_url``.
-- Members come out sorted by path. The total across all sources is capped by MAX_IMAGES_PER_JOB.
-
-Labels (``image_path``): the URL for an image URL; ``data_url`` / ``data_urls[i]`` for inline
-data; a zip member's path, prefixed by the zip's label (``f"{label}/{member}"``) when the job
-has several sources. Unprintable characters in labels and messages (a newline, a lone surrogate)
-are written as escapes (``printable``), so every answer is readable and encodes as UTF-8.
-
-Decoding: PIL limited to the formats above; width*height checked against MAX_IMAGE_PIXELS right
-after ``Image.open`` (before pixels load); JPEGs decode in draft mode at a DCT scale no smaller
-than ``min_side`` on each side; EXIF orientation applied; first frame of animations. Colour is
-converted as LAVIS does (``convert("RGB")``: transparency is dropped, not composited on white),
-except 16-bit grayscale, which PIL would clip to white: it is scaled to 8 bits first.
-
-No torch and no model code here.
 """
 from __future__ import annotations
 

@@ -1,4 +1,18 @@
-"""One job's inputs: its sources fetched into a private directory and handed out image by image."""
+"""One job's inputs: its sources fetched into a private directory and handed out image by image.
+
+``JobInputs(sources, single, cfg)`` is a context manager that owns one private temporary
+directory and one bounded download pool per job. Iterating it yields ``ImageSource`` (one image
+ready to decode) and ``ImageFailure`` (one image that failed) AS THEY BECOME READY, so the caller
+can decode and caption while downloads continue; ``order`` gives the final output order.
+
+Sources are http(s) URLs (``download``) or base64 data: URIs (``sniff._save_data_uri``);
+anything else is refused naming the field.
+
+Labels (``image_path``): the URL for an image URL; ``data_url`` / ``data_urls[i]`` for inline
+data; a zip member's path, prefixed by the zip's label (``f"{label}/{member}"``) when the job
+has several sources. Unprintable characters in labels and messages (a newline, a lone surrogate)
+are written as escapes (``printable``), so every answer is readable and encodes as UTF-8.
+"""
 from __future__ import annotations
 
 import os

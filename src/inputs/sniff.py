@@ -1,5 +1,11 @@
 """Type detection from the first bytes (magic numbers), and the sink that writes one source to
-its file while enforcing the size cap of the type it learns."""
+its file while enforcing the size cap of the type it learns.
+
+- The type comes from the content (magic bytes), never from the URL or Content-Type. The size
+  cap is enforced while streaming: the larger of MAX_IMAGE_BYTES / MAX_ZIP_BYTES until the first
+  bytes tell the type, then that type's cap; reading stops at the cap whatever Content-Length
+  said. Files are streamed into the job directory, named by source index, never held in memory.
+"""
 from __future__ import annotations
 
 import base64

@@ -1,5 +1,20 @@
-"""Zips, read in place from their central directory: which members are images, and which limits
-a zip breaks before anything is decompressed."""
+"""Zips: which members are images, and which limits a zip breaks.
+
+Zips are read in place; nothing is ever extracted, so zip-slip names are just labels:
+- Skipped and counted in ``skipped``: directories, ``__MACOSX/``, hidden files (a path component
+  starting with "."), caption/metadata side files by name (``.txt``, ``.caption``, ``.json``,
+  ...: not counted against MAX_IMAGES_PER_JOB), and members whose content is not an image
+  unless their name says it should be one (``x.jpg`` holding text is a per-image error).
+- Per-image errors: symlink members, encrypted members, compression other than stored/deflate,
+  a member over MAX_IMAGE_BYTES, a zip inside the zip, a damaged member.
+- Job errors, checked from the central directory before anything is decompressed: more image
+  candidates than MAX_IMAGES_PER_JOB, more than MAX_ZIP_UNCOMPRESSED_BYTES in total, or a member
+  whose compression ratio exceeds MAX_ZIP_RATIO (members under ``RATIO_FLOOR`` = 64 KiB
+  uncompressed are exempt: tiny files compress wildly without being bombs). While reading, a
+  member never yields more than its declared size (zipfile stops there and checks the CRC), so
+  a lying header is a per-image error. An unreadable zip fails the job when it is ``data_url``.
+- Members come out sorted by path. The total across all sources is capped by MAX_IMAGES_PER_JOB.
+"""
 from __future__ import annotations
 
 import re
