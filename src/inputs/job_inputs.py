@@ -174,6 +174,10 @@ class JobInputs:
     # -- fetching (download pool threads) --
 
     def _fetch(self, i: int, src: str) -> _Fetched:
+        # Defence in depth: the schema (parse_request) checks every source once, and the worker
+        # builds JobInputs only from a parsed request; checked again here because JobInputs
+        # takes any list, and a source that is neither an http(s) URL nor a data: URI (a local
+        # path, file:) must never reach the downloader, whoever the caller is.
         problem = source_problem(src)
         if problem:
             raise ImageError(f"{problem}; use {SOURCE_FORMS}")
