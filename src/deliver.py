@@ -1,7 +1,7 @@
 """Captions as files: the naming rule, the caption zip, and how the zip reaches the user.
 
-Used by ``output.build`` for ``output_format: "zip"`` and by ``caption_folder.py``, so a folder
-captioned locally and the same images zipped through the API get the same file names.
+Used by the job (``jobs.Worker``) for ``output_format: "zip"`` and by ``caption_folder.py``, so
+a folder captioned locally and the same images zipped through the API get the same file names.
 
 Naming (``CaptionNames``):
 - An image's caption is ``<stem>.txt`` in the image's folder: ``shots/cat.jpg`` ->

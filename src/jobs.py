@@ -1,4 +1,5 @@
-"""One job, end to end: validate -> fetch -> decode -> caption -> output. No runpod import.
+"""One job, end to end: validate -> fetch -> decode -> caption -> output -> delivery.
+No runpod import (``handler`` is the glue).
 
 ``Worker`` is created once per process (after the model is loaded) and runs many jobs at once,
 each in its own thread (the async runpod handler hands it to a thread pool):
@@ -26,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+import deliver
 import output
 import schema
 from batcher import Batcher, Producer
@@ -194,8 +196,12 @@ class Worker:
         timings = {"fetch_s": round(max(fetched_at - started, 0.0), 3),
                    "caption_s": round(max(caption_s, 0.0), 3),
                    "total_s": round(time.monotonic() - started, 3)}
-        out = output.build(request, results, failures, skipped, self.engine, timings, job_id,
-                           self.cfg)
+        captions = output.collect(request, results, failures)
+        out = output.build(captions, skipped=skipped, model=self.engine.model_id,
+                           engine=self.engine.name, timings=timings)
+        if request.output_format == "zip":  # the delivery: uploaded when a bucket is set
+            out.update(deliver.zip_fields(request, captions.rows, captions.members, job_id,
+                                          self.cfg))
         log.info("job %s: %d captions, %d errors, %d skipped in %.2fs", job_id,
                  len(out["captions"]), len(out.get("errors", [])), skipped, timings["total_s"])
         return out
