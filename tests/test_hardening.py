@@ -70,14 +70,13 @@ def api(_api_booting):
 @pytest.fixture(scope="module")
 def worker(work_dirs):
     """The in-process worker, made by ``handler.setup`` (so ``handler.handler`` serves it)."""
-    saved = handler._worker, handler._executor, handler._max_jobs
+    saved = handler.service
     cfg = config.Config.from_env({**WORKER_ENV, "BLIP_WARMUP": "0",
                                   "WORK_DIR": str(work_dirs["job"])})
-    w = handler.setup(cfg)
-    yield w
-    w.close()
-    handler._executor.shutdown(wait=True)
-    handler._worker, handler._executor, handler._max_jobs = saved
+    service = handler.setup(cfg)
+    yield service.worker
+    service.close()  # the worker, then its job threads
+    handler.service = saved
 
 
 @pytest.fixture(params=["job", "api"])
