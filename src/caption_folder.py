@@ -44,8 +44,9 @@ from PIL import Image
 import schema
 from config import Config, ConfigError
 from deliver import CaptionNames, caption_text
-from errors import ImageError, JobError, short
+from errors import ImageError, JobError
 from inputs import IMAGE_FORMATS, ImageSource, decode_image
+from text import short
 
 IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items()
                              if fmt in IMAGE_FORMATS)

@@ -1,7 +1,7 @@
 """Captions as files: the naming rule, the caption zip, and how the zip reaches the user.
 
-Used by ``output.build`` for ``output_format: "zip"`` and by ``caption_folder.py``, so a folder
-captioned locally and the same images zipped through the API get the same file names.
+Used by the job (``jobs.Worker``) for ``output_format: "zip"`` and by ``caption_folder.py``, so
+a folder captioned locally and the same images zipped through the API get the same file names.
 
 Naming (``CaptionNames``):
 - An image's caption is ``<stem>.txt`` in the image's folder: ``shots/cat.jpg`` ->
@@ -49,8 +49,7 @@ from typing import Any, Iterable, Sequence
 from urllib.parse import unquote, urlsplit
 
 from config import BUCKET_FIELDS, ENV, Config
-from errors import short
-from inputs import human_size
+from text import human_size, short
 
 log = logging.getLogger("blip.deliver")
 

@@ -27,11 +27,3 @@ class ImageError(Exception):
         super().__init__(message)
         self.message = message
 
-
-def short(text: str, limit: int = 120) -> str:
-    """Shorten user-supplied text (a URL, a member name) for a message: never dump megabytes."""
-    text = str(text)
-    if text.startswith("data:"):
-        head = text.split(",", 1)[0]
-        return (head[:60] + ",...") if len(head) <= 60 else head[:60] + "..."
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -9,6 +9,8 @@
 setting or missing weights print one clear message and exit non-zero. The handler is async and
 hands each job to a thread, so RunPod (``concurrency_modifier``: ``jobs.concurrent_jobs``) can
 run several jobs at once and their images share GPU batches. Nothing loads at import.
+``setup`` returns the one ``Service`` (the worker, its job threads, the job limit) and the module
+holds it in ``service``: ``handler`` and ``concurrency_modifier``, RunPod's entry, serve it.
 """
 from __future__ import annotations
 
@@ -22,30 +24,53 @@ from config import Config, ConfigError
 
 log = logging.getLogger("blip.handler")
 
-_worker = None  # jobs.Worker, set by setup()
-_executor: ThreadPoolExecutor | None = None
-_max_jobs = 1
+
+class Service:
+    """One loaded worker as RunPod sees it: the ``jobs.Worker``, the thread pool its jobs run on
+    and how many jobs it takes at once. ``setup`` makes it; ``handler`` and
+    ``concurrency_modifier`` serve the one it made."""
+
+    def __init__(self, worker, executor: ThreadPoolExecutor, max_jobs: int):
+        self.worker = worker  # jobs.Worker
+        self.executor = executor
+        self.max_jobs = max_jobs
+
+    async def handler(self, job: dict) -> dict:
+        """Caption one job. Returns the output dict or ``{"error": ...}``; never raises."""
+        job_id = str(job.get("id", "local")) if isinstance(job, dict) else "local"
+        job_input = job.get("input") if isinstance(job, dict) else None
+        loop = asyncio.get_running_loop()
+        running = loop.run_in_executor(self.executor, self.worker.run, job_input, job_id,
+                                       _progress_reporter(job))
+        try:
+            return await running
+        except asyncio.CancelledError:  # RunPod cancelled or timed out the job: stop its work too
+            self.worker.cancel(job_id)
+            raise
+
+    def concurrency_modifier(self, current: int) -> int:
+        """How many jobs RunPod may hand this worker at once (MAX_CONCURRENT_JOBS)."""
+        return self.max_jobs
+
+    def close(self) -> None:
+        """Stop the worker, then wait for the job threads."""
+        self.worker.close()
+        self.executor.shutdown(wait=True)
+
+
+service: Service | None = None  # set by setup(); what handler() and concurrency_modifier() serve
 
 
 async def handler(job: dict) -> dict:
-    """Caption one job. Returns the output dict or ``{"error": ...}``; never raises."""
-    job_id = str(job.get("id", "local")) if isinstance(job, dict) else "local"
-    if _worker is None:
+    """RunPod's handler: the job goes to the service ``setup`` made; never raises."""
+    if service is None:
         return {"error": "the worker is not initialised: start it with `python src/handler.py`"}
-    job_input = job.get("input") if isinstance(job, dict) else None
-    loop = asyncio.get_running_loop()
-    running = loop.run_in_executor(_executor, _worker.run, job_input, job_id,
-                                   _progress_reporter(job))
-    try:
-        return await running
-    except asyncio.CancelledError:  # RunPod cancelled or timed out the job: stop its work too
-        _worker.cancel(job_id)
-        raise
+    return await service.handler(job)
 
 
 def concurrency_modifier(current: int) -> int:
-    """How many jobs RunPod may hand this worker at once (MAX_CONCURRENT_JOBS)."""
-    return _max_jobs
+    """RunPod's concurrency modifier: the service's job limit (1 before ``setup``)."""
+    return 1 if service is None else service.concurrency_modifier(current)
 
 
 def _progress_reporter(job: dict):
@@ -63,22 +88,23 @@ def _progress_reporter(job: dict):
     return report
 
 
-def setup(cfg: Config):
-    """Load the model and start the worker (also used by tests and the benchmark)."""
-    global _worker, _executor, _max_jobs
+def setup(cfg: Config) -> Service:
+    """Load the model, start the worker and its job threads, and hold the service that
+    ``handler`` serves (also used by tests)."""
+    global service
     import engine
     import jobs
     eng = engine.load_engine(cfg)
-    _max_jobs = jobs.concurrent_jobs(cfg.max_concurrent_jobs, eng.max_batch_size)
-    _executor = jobs.start_threads(ThreadPoolExecutor(_max_jobs, thread_name_prefix="job"),
-                                   _max_jobs)
-    _worker = jobs.Worker(cfg, eng)
+    max_jobs = jobs.concurrent_jobs(cfg.max_concurrent_jobs, eng.max_batch_size)
+    executor = jobs.start_threads(ThreadPoolExecutor(max_jobs, thread_name_prefix="job"),
+                                  max_jobs)
+    service = Service(jobs.Worker(cfg, eng), executor, max_jobs)
     log.info("ready: model %s, engine %s, device %s, up to %d concurrent jobs (%s)",
-             eng.model_id, eng.name, eng.device, _max_jobs,
+             eng.model_id, eng.name, eng.device, max_jobs,
              "MAX_CONCURRENT_JOBS" if cfg.max_concurrent_jobs else
              f"auto: batch limit {eng.max_batch_size}, kept within "
              f"{jobs.AUTO_JOBS_MIN}-{jobs.AUTO_JOBS_MAX}")
-    return _worker
+    return service
 
 
 class _RunPodLogHandler(logging.Handler):

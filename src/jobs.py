@@ -1,4 +1,5 @@
-"""One job, end to end: validate -> fetch -> decode -> caption -> output. No runpod import.
+"""One job, end to end: validate -> fetch -> decode -> caption -> output -> delivery.
+No runpod import (``handler`` is the glue).
 
 ``Worker`` is created once per process (after the model is loaded) and runs many jobs at once,
 each in its own thread (the async runpod handler hands it to a thread pool):
@@ -26,13 +27,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+import deliver
 import output
 import schema
 from batcher import Batcher, Producer
 from config import Config
 from engine import BaseEngine, CaptionResult, FatalDeviceError, is_fatal_device_error
-from errors import ImageError, JobError, short
+from errors import ImageError, JobError
 from inputs import ImageFailure, ImageSource, JobInputs, decode_image
+from text import short
 
 log = logging.getLogger("blip.jobs")
 
@@ -193,8 +196,12 @@ class Worker:
         timings = {"fetch_s": round(max(fetched_at - started, 0.0), 3),
                    "caption_s": round(max(caption_s, 0.0), 3),
                    "total_s": round(time.monotonic() - started, 3)}
-        out = output.build(request, results, failures, skipped, self.engine, timings, job_id,
-                           self.cfg)
+        captions = output.collect(request, results, failures)
+        out = output.build(captions, skipped=skipped, model=self.engine.model_id,
+                           engine=self.engine.name, timings=timings)
+        if request.output_format == "zip":  # the delivery: uploaded when a bucket is set
+            out.update(deliver.zip_fields(request, captions.rows, captions.members, job_id,
+                                          self.cfg))
         log.info("job %s: %d captions, %d errors, %d skipped in %.2fs", job_id,
                  len(out["captions"]), len(out.get("errors", [])), skipped, timings["total_s"])
         return out
@@ -280,11 +287,12 @@ def concurrent_jobs(setting: int, max_batch_size: int) -> int:
     one-image jobs as one batch of ``max_batch_size`` holds, clamped to 16..64.
 
     Jobs run at once are what share a batch: with 16, a burst of 64 one-image jobs on an H100
-    rides batches of 16 (139.7 img/s in the engine benchmark, run 9) instead of one of 64
-    (215.4 img/s). More than one batch holds would only queue on this worker, where RunPod
-    cannot hand them to another; at most 64 bounds what concurrent zip jobs hold on disk (one
-    zip each, or a window of downloads) and costs 14% against batches of 256 (251.3 img/s).
-    At least 16 keeps a small GPU's (or a CPU's) next jobs downloading while it captions."""
+    rides batches of 16 instead of one of 64, which the engine benchmark finds much slower
+    (OPTIMIZATION.md has the figures). More than one batch holds would only queue on this
+    worker, where RunPod cannot hand them to another; at most 64 bounds what concurrent zip
+    jobs hold on disk (one zip each, or a window of downloads), for a small loss against
+    batches of 256. At least 16 keeps a small GPU's (or a CPU's) next jobs downloading while it
+    captions."""
     if setting:
         return setting
     return max(AUTO_JOBS_MIN, min(AUTO_JOBS_MAX, max_batch_size))
@@ -296,8 +304,9 @@ def start_threads(pool: ThreadPoolExecutor, n: int) -> ThreadPoolExecutor:
     A pool starts a thread on ``submit`` when none is idle, and ``Thread.start`` waits until the
     new thread runs. In a busy worker the new thread first has to get the GIL from the threads
     captioning and decoding, so the first burst of jobs paid that wait once per thread, on the
-    event loop that accepts jobs: 32 one-image jobs through the local API took 1.21 s in the
-    first round and 0.67-0.80 s later; with the threads started at setup, 0.77-0.91 s.
+    event loop that accepts jobs: through the local API the first round of jobs was much slower
+    than the later ones, and with the threads started at setup it no longer is
+    (OPTIMIZATION.md has the figures).
     """
     gate = threading.Barrier(n + 1)
     for _ in range(n):  # each task holds its thread until all have started

@@ -15,29 +15,40 @@ caption entry also has ``"alternatives"``: the other ``num_captions - 1`` captio
 
 With ``output_format: "zip"`` the output also has one of ``captions_zip_url``, ``captions_zip``
 (base64) or ``captions_zip_error``, last (after ``timings``, so the readable part comes first):
-the same captions as ``<image name>.txt`` files; naming and delivery rules are in ``deliver``.
+the same captions as ``<image name>.txt`` files. The job (``jobs.Worker``) adds them from
+``deliver`` (naming and delivery rules are there): building the document here uploads nothing.
+
+``collect`` puts the captions and failures in output order, ``build`` makes the document from
+them; neither has side effects.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
-import deliver
-from config import Config
 from engine import CaptionResult, compose
-from errors import JobError, short
-from inputs import FORMAT_LIST
+from errors import JobError
+from text import FORMAT_LIST, short
 
 MAX_ERRORS_IN_MESSAGE = 10
 
+Order = tuple[int, int]  # (source index, position within that source)
 
-def build(request: Any, results: Sequence[tuple[Any, CaptionResult]],
-          failures: Sequence[tuple[tuple[int, int], str, str]], skipped: int, engine: Any,
-          timings: dict[str, float], job_id: str, cfg: Config) -> dict:
-    """Merge captioned images and failures into the output, in input order; with
-    ``output_format: "zip"`` add the caption zip (uploaded for ``job_id`` when ``cfg`` names a
-    bucket)."""
-    rows: list[tuple[tuple[int, int], dict]] = []
-    errors: list[tuple[tuple[int, int], dict]] = []
+
+@dataclass(frozen=True)
+class Captions:
+    """A job's captioned images and failures, each keyed by its output order, sorted."""
+    rows: list[tuple[Order, dict]]  # {"image_path", "caption"[, "alternatives"]}
+    errors: list[tuple[Order, dict]]  # {"image_path", "error"}
+    members: dict[Order, str]  # each image's raw zip member name ("" for a whole source)
+
+
+def collect(request: Any, results: Sequence[tuple[Any, CaptionResult]],
+            failures: Sequence[tuple[Order, str, str]]) -> Captions:
+    """Merge captioned images (``(entry, result)``, an entry having ``order``, ``image_path``
+    and ``member``) and failures (``(order, image_path, error)``) in input order."""
+    rows: list[tuple[Order, dict]] = []
+    errors: list[tuple[Order, dict]] = []
     for entry, res in results:
         if res.error is not None:
             errors.append((entry.order, {"image_path": entry.image_path, "error": res.error}))
@@ -50,17 +61,21 @@ def build(request: Any, results: Sequence[tuple[Any, CaptionResult]],
     errors += [(order, {"image_path": path, "error": err}) for order, path, err in failures]
     rows.sort(key=lambda r: r[0])
     errors.sort(key=lambda r: r[0])
-    if not rows:
-        raise JobError(nothing_captioned_message([e for _, e in errors], skipped))
-    out: dict[str, Any] = {"captions": [r for _, r in rows]}
-    if errors:
-        out["errors"] = [e for _, e in errors]
+    return Captions(rows, errors, {entry.order: entry.member for entry, _ in results})
+
+
+def build(captions: Captions, *, skipped: int, model: str, engine: str,
+          timings: dict[str, float]) -> dict:
+    """The output document (see module docstring), without the caption zip's field; raises
+    ``JobError`` when not one image was captioned."""
+    if not captions.rows:
+        raise JobError(nothing_captioned_message([e for _, e in captions.errors], skipped))
+    out: dict[str, Any] = {"captions": [r for _, r in captions.rows]}
+    if captions.errors:
+        out["errors"] = [e for _, e in captions.errors]
     if skipped:
         out["skipped"] = skipped
-    out.update(model=engine.model_id, engine=engine.name, timings=timings)
-    if request.output_format == "zip":
-        members = {entry.order: entry.member for entry, _ in results}
-        out.update(deliver.zip_fields(request, rows, members, job_id, cfg))
+    out.update(model=model, engine=engine, timings=timings)
     return out
 
 

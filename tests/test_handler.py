@@ -16,18 +16,18 @@ def worker(tmp_path_factory):
     work = tmp_path_factory.mktemp("handler")
     cfg = config.Config.from_env({"BLIP_MODEL": "tiny-random", "BLIP_WARMUP": "0",
                                   "WORK_DIR": str(work), "DOWNLOAD_DEADLINE_S": "60"})
-    w = handler.setup(cfg)
+    w = handler.setup(cfg).worker
     yield w, work
     w.close()
-    handler._worker = None
+    handler.service = None
 
 
 def test_job_and_decode_threads_are_started_at_setup_not_on_the_first_burst(worker):
     w, _ = worker
     # (ThreadPoolExecutor keeps its started threads in ``_threads``)
-    assert len(handler._executor._threads) == handler._max_jobs == 16  # auto on a CPU
+    assert len(handler.service.executor._threads) == handler.service.max_jobs == 16  # auto on a CPU
     assert len(w.decode_pool._threads) == w.cfg.decode_threads
-    assert all(t.is_alive() for t in handler._executor._threads | w.decode_pool._threads)
+    assert all(t.is_alive() for t in handler.service.executor._threads | w.decode_pool._threads)
 
 
 def test_handler_answers_a_job(worker):
@@ -58,11 +58,11 @@ def test_a_cancelled_job_stops_its_downloads_and_frees_its_directory(worker, htt
 
 
 def test_handler_without_a_worker_answers_an_error():
-    saved, handler._worker = handler._worker, None
+    saved, handler.service = handler.service, None
     try:
         assert "not initialised" in asyncio.run(handler.handler({"id": "x", "input": {}}))["error"]
     finally:
-        handler._worker = saved
+        handler.service = saved
 
 
 def test_concurrency_modifier_reports_the_configured_jobs(worker):

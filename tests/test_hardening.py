@@ -39,7 +39,7 @@ POISON = "poison the gpu"
 WORKER_ENV = {"BLIP_MODEL": "tiny-random", "DOWNLOAD_DEADLINE_S": str(DEADLINE_S),
               "DOWNLOAD_RETRY_BACKOFF_S": "0.01", "BLIP_INJECT_CUDA_ERROR_PROMPT": POISON}
 API_CHAOS = {"BLIP_INJECT_OOM_ABOVE_BATCH": "3"}  # the API server runs out of memory too
-LONG = 120  # errors.short's limit: no input value longer than this may appear in an error
+LONG = 120  # text.short's limit: no input value longer than this may appear in an error
 
 
 # --- the two workers -------------------------------------------------------------------------
@@ -70,14 +70,13 @@ def api(_api_booting):
 @pytest.fixture(scope="module")
 def worker(work_dirs):
     """The in-process worker, made by ``handler.setup`` (so ``handler.handler`` serves it)."""
-    saved = handler._worker, handler._executor, handler._max_jobs
+    saved = handler.service
     cfg = config.Config.from_env({**WORKER_ENV, "BLIP_WARMUP": "0",
                                   "WORK_DIR": str(work_dirs["job"])})
-    w = handler.setup(cfg)
-    yield w
-    w.close()
-    handler._executor.shutdown(wait=True)
-    handler._worker, handler._executor, handler._max_jobs = saved
+    service = handler.setup(cfg)
+    yield service.worker
+    service.close()  # the worker, then its job threads
+    handler.service = saved
 
 
 @pytest.fixture(params=["job", "api"])

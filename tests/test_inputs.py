@@ -22,6 +22,8 @@ import preprocess
 import testlib as T
 from errors import ImageError, JobError
 from inputs import ImageFailure, ImageSource, JobInputs, decode_image
+from inputs.download import _Downloader
+from inputs.sniff import ZIP
 
 CFG = config.defaults().replace(connect_timeout_s=2.0, read_timeout_s=2.0,
                                 download_deadline_s=5.0, retry_backoff_s=0.01)
@@ -533,8 +535,8 @@ def test_a_steady_transfer_above_the_limit_completes_over_many_windows(http_serv
 def test_a_fast_large_download_is_not_cut(http_server, tmp_path):
     url = http_server.route("/large.zip", T.huge(64 * MiB, head=b"PK\x03\x04", length=True))
     cfg = CFG.replace(low_speed_limit=MiB, low_speed_time_s=0.2, download_deadline_s=60.0)
-    kind = inputs._Downloader(cfg).fetch(url, str(tmp_path / "large"))
-    assert kind == inputs.ZIP and (tmp_path / "large").stat().st_size == 64 * MiB
+    kind = _Downloader(cfg).fetch(url, str(tmp_path / "large"))
+    assert kind == ZIP and (tmp_path / "large").stat().st_size == 64 * MiB
 
 
 def test_the_low_speed_limit_can_be_switched_off(http_server):

@@ -13,7 +13,7 @@ import threading
 import time
 from email.utils import parsedate_to_datetime
 
-from errors import short
+from text import short
 
 from .work import Job, Result
 

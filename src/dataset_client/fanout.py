@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from config import Config
-from errors import short
-from inputs import human_size, printable
+from text import human_size, printable, short
 
 from .endpoint import Fleet
 from .outcomes import classify, rows_from_output, split_reasons

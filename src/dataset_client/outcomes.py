@@ -17,8 +17,7 @@ import json
 import re
 from typing import Sequence
 
-from errors import short
-from inputs import printable
+from text import printable, short
 
 from .work import Item, Job, Row
 

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Sequence
 import schema
 from caption_folder import IMAGE_EXTENSIONS, find_images
 from deliver import CaptionNames
-from errors import short
+from text import short
 
 from .work import Item
 
