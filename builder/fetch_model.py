@@ -927,9 +927,10 @@ def fetch_lavis(args: argparse.Namespace) -> int:
     """``engine_lavis.prefetch`` downloads what the LAVIS engine loads (its own code)."""
     sys.path.insert(0, str(SRC_DIR))
     import engine_lavis  # only in the LAVIS environment (requirements-lavis.txt)
+    from errors import ModelLoadError
     try:
         env = engine_lavis.prefetch(cache_dir=args.cache_dir)
-    except engine_lavis.ModelLoadError as exc:
+    except ModelLoadError as exc:
         raise FetchError(str(exc)) from exc
     if env:
         print("run the worker with: " + " ".join(f"{k}={v}" for k, v in sorted(env.items())))

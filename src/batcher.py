@@ -31,8 +31,8 @@ from typing import Callable
 
 import torch
 
-from engine import BaseEngine, CaptionResult
-from params import GenerationParams
+from engine import BaseEngine
+from params import CaptionResult, GenerationParams
 
 log = logging.getLogger("blip.batcher")
 _NO_CAP = 1 << 30

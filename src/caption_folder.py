@@ -214,7 +214,8 @@ class FolderCaptioner:
         return self.summary
 
     def _caption(self, ready: list[tuple[Task, object]]) -> None:
-        from engine import FatalDeviceError, compose
+        from errors import FatalDeviceError
+        from params import compose
         req = self.request
         try:
             results, self.batch = self.engine.generate_with_fallback(
@@ -275,7 +276,7 @@ def main(argv: Sequence[str] | None = None, engine=None) -> int:
             engine = load_engine(cfg)
         except (modeling.ModelLoadError, ValueError) as exc:
             return _fail_usage(str(exc))
-    from engine import FatalDeviceError
+    from errors import FatalDeviceError
     from tqdm import tqdm
     started = time.monotonic()
     with tqdm(total=len(tasks), unit="img", desc="captioning", file=sys.stderr,

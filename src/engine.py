@@ -35,7 +35,6 @@ import functools
 import gc
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -43,7 +42,8 @@ from PIL import Image
 
 import preprocess
 from config import Config
-from params import DEFAULT_PROMPT, GenerationParams
+from errors import FatalDeviceError
+from params import DEFAULT_PROMPT, CaptionResult, GenerationParams, compose
 
 if TYPE_CHECKING:  # imported where the fast decoder is used
     from generation import DecodeOptions
@@ -62,10 +62,6 @@ _FATAL_CUDA_MARKERS = (
 )
 
 
-class FatalDeviceError(RuntimeError):
-    """The GPU is in a state no job can recover from; RunPod must replace the worker."""
-
-
 def is_fatal_device_error(exc: BaseException) -> bool:
     if isinstance(exc, FatalDeviceError):
         return True
@@ -77,23 +73,6 @@ def is_fatal_device_error(exc: BaseException) -> bool:
 
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError)
-
-
-@dataclass
-class CaptionResult:
-    captions: list[str] = field(default_factory=list)  # num_captions strings, best first
-    error: str | None = None
-
-    @property
-    def caption(self) -> str | None:
-        return self.captions[0] if self.captions else None
-
-
-def compose(prompt: str, continuation: str, include_prompt: bool) -> str:
-    """The caption a user sees: the continuation, or prompt + continuation."""
-    if not include_prompt:
-        return continuation
-    return f"{prompt.strip()} {continuation}".strip()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -457,5 +436,5 @@ def load_engine(cfg: Config, decode: DecodeOptions | None = None) -> BaseEngine:
     return engine
 
 
-__all__ = ["BaseEngine", "TransformersEngine", "CaptionResult", "FatalDeviceError",
-           "decode_options", "load_engine", "compose", "is_fatal_device_error", "is_oom"]
+__all__ = ["BaseEngine", "TransformersEngine", "decode_options", "load_engine",
+           "is_fatal_device_error", "is_oom"]

@@ -52,7 +52,8 @@ from PIL import Image
 
 import engine
 from config import DEFAULT_MODEL, Config
-from modeling import TINY, ModelLoadError
+from errors import ModelLoadError
+from modeling import TINY
 from params import GenerationParams
 
 log = logging.getLogger("blip.engine.lavis")
@@ -326,8 +327,7 @@ class LavisEngine(engine.BaseEngine):
             from lavis.models.blip2_models.blip2_opt import Blip2OPT
             from omegaconf import OmegaConf
         except ImportError as exc:
-            import modeling
-            raise modeling.ModelLoadError(
+            raise ModelLoadError(
                 f"BLIP_ENGINE=lavis: LAVIS is not installed in this Python environment ({exc}). "
                 "Run it from its own environment (`make venv-lavis`, then `make run "
                 "BLIP_ENGINE=lavis` or `.venv-lavis/bin/python src/handler.py`) or from the "

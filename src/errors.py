@@ -28,6 +28,14 @@ class ImageError(Exception):
         self.message = message
 
 
+class ModelLoadError(RuntimeError):
+    """The model cannot be loaded; the message says which setting to change and how."""
+
+
+class FatalDeviceError(RuntimeError):
+    """The GPU is in a state no job can recover from; RunPod must replace the worker."""
+
+
 def short(text: str, limit: int = 120) -> str:
     """Shorten user-supplied text (a URL, a member name) for a message: never dump megabytes."""
     text = str(text)

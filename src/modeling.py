@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from errors import ModelLoadError
+
 TINY = "tiny-random"
 RANDOM_FULL = "random-full"
 NUM_QUERY_TOKENS = 32
@@ -34,10 +36,6 @@ OPT_PAD, OPT_BOS = 1, 2
 OPT_NEWLINE = 50118
 OPT_IMAGE_TOKEN = 50265
 OPT_VOCAB_ROWS = 50304
-
-
-class ModelLoadError(RuntimeError):
-    """The model cannot be loaded; the message says which setting to change and how."""
 
 
 @dataclass

@@ -23,9 +23,9 @@ from typing import Any, Sequence
 
 import deliver
 from config import Config
-from engine import CaptionResult, compose
 from errors import JobError, short
 from inputs import FORMAT_LIST
+from params import CaptionResult, compose
 
 MAX_ERRORS_IN_MESSAGE = 10
 

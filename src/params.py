@@ -10,7 +10,7 @@ prompt is not counted); eos is the "\\n" token; with ``use_nucleus_sampling`` on
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 DEFAULT_PROMPT = "a photo of"
 
@@ -46,3 +46,20 @@ class GenerationParams:
     def sequences_per_image(self) -> int:
         """Rows the decoder carries per image; sizes the KV cache and memory per image."""
         return max(self.effective_beams, self.num_captions)
+
+
+@dataclass
+class CaptionResult:
+    captions: list[str] = field(default_factory=list)  # num_captions strings, best first
+    error: str | None = None
+
+    @property
+    def caption(self) -> str | None:
+        return self.captions[0] if self.captions else None
+
+
+def compose(prompt: str, continuation: str, include_prompt: bool) -> str:
+    """The caption a user sees: the continuation, or prompt + continuation."""
+    if not include_prompt:
+        return continuation
+    return f"{prompt.strip()} {continuation}".strip()

@@ -33,6 +33,7 @@ import config
 import modeling
 import preprocess
 from engine import TransformersEngine
+from errors import ModelLoadError
 from params import GenerationParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "builder"))
@@ -633,14 +634,14 @@ def test_upgrade_refuses_what_cannot_be_upgraded_saying_why(fixture, edit, reaso
 
 
 def test_the_worker_names_the_upgrade_for_an_old_layout_directory_and_repo(hub_old):
-    with pytest.raises(modeling.ModelLoadError) as exc:
+    with pytest.raises(ModelLoadError) as exc:
         modeling.load_model(str(hub_old), CPU, torch.float32)
     msg = str(exc.value)
     assert "BLIP-2 layout from before late 2024" in msg and "no <image> token" in msg
     assert f"`python builder/fetch_model.py --upgrade {hub_old}`" in msg
 
     model = Blip2ForConditionalGeneration.from_pretrained(hub_old, dtype=torch.float32)
-    with pytest.raises(modeling.ModelLoadError) as exc:  # BLIP_MODEL=FORK, from the Hub
+    with pytest.raises(ModelLoadError) as exc:  # BLIP_MODEL=FORK, from the Hub
         modeling._loaded(model, AutoTokenizer.from_pretrained(hub_old), FORK)
     assert (f"`python builder/fetch_model.py --model {FORK} --out models/blip2-fork` (which "
             "upgrades it) and set BLIP_MODEL=models/blip2-fork") in str(exc.value)

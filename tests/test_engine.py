@@ -6,8 +6,9 @@ from PIL import Image, ImageDraw
 import config
 import engine as engine_mod
 import modeling
-from engine import CaptionResult, FatalDeviceError, TransformersEngine
-from params import GenerationParams
+from engine import TransformersEngine
+from errors import FatalDeviceError, ModelLoadError
+from params import CaptionResult, GenerationParams
 
 GREEDY = GenerationParams(num_beams=1, max_length=12, min_length=5)
 BEAMS3 = GenerationParams(num_beams=3, max_length=12, min_length=5)
@@ -52,7 +53,7 @@ def test_tiny_random_builds_and_passes_invariants():
 def test_invariant_guard_rejects_a_model_without_image_token():
     loaded = modeling.load_model("tiny-random", torch.device("cpu"), torch.float32)
     loaded.model.config.image_token_index = None
-    with pytest.raises(modeling.ModelLoadError, match="image_token_index"):
+    with pytest.raises(ModelLoadError, match="image_token_index"):
         modeling.check_invariants(loaded)
 
 
@@ -90,7 +91,7 @@ def test_lavis_engine_outside_its_environment_says_where_to_run_it(monkeypatch, 
 
 def test_missing_weights_give_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(modeling.ModelLoadError) as info:
+    with pytest.raises(ModelLoadError) as info:
         modeling.load_model(str(tmp_path / "no-such-model"), torch.device("cpu"), torch.float32)
     msg = str(info.value)
     assert "BLIP_MODEL" in msg and "builder/fetch_model.py" in msg and "tiny-random" in msg

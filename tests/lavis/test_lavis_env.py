@@ -22,7 +22,7 @@ from engine_lavis import (CAPTION_CHECKPOINT_URL, EVA_VIT_G_URL, HFFile, LavisEn
                           hf_files, lavis_checkpoint_paths, missing_files, prefetch,
                           trusted_checkpoint_loads)
 from lavis_testlib import pictures, tiny_cfg
-from modeling import ModelLoadError
+from errors import ModelLoadError
 from params import GenerationParams
 
 ROOT = Path(__file__).resolve().parents[2]
