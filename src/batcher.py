@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from engine import BaseEngine
+from engines import BaseEngine
 from params import CaptionResult, GenerationParams
 
 log = logging.getLogger("blip.batcher")

@@ -57,7 +57,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import config  # noqa: E402
-import engine as engine_mod  # noqa: E402
+import engines as engine_mod  # noqa: E402
 from params import DEFAULT_PROMPT, GenerationParams  # noqa: E402
 
 

@@ -271,7 +271,7 @@ def main(argv: Sequence[str] | None = None, engine=None) -> int:
     logging.basicConfig(level=cfg.log_level, format="%(levelname)s %(name)s: %(message)s")
     if engine is None:
         import modeling
-        from engine import load_engine
+        from engines import load_engine
         try:
             engine = load_engine(cfg)
         except (modeling.ModelLoadError, ValueError) as exc:

@@ -50,7 +50,7 @@ from urllib.parse import urlparse
 import torch
 from PIL import Image
 
-import engine
+import engines.base as engine
 from config import DEFAULT_MODEL, Config
 from errors import ModelLoadError
 from modeling import TINY

@@ -66,9 +66,9 @@ def _progress_reporter(job: dict):
 def setup(cfg: Config):
     """Load the model and start the worker (also used by tests and the benchmark)."""
     global _worker, _executor, _max_jobs
-    import engine
+    import engines
     import jobs
-    eng = engine.load_engine(cfg)
+    eng = engines.load_engine(cfg)
     _max_jobs = jobs.concurrent_jobs(cfg.max_concurrent_jobs, eng.max_batch_size)
     _executor = jobs.start_threads(ThreadPoolExecutor(_max_jobs, thread_name_prefix="job"),
                                    _max_jobs)

@@ -30,7 +30,7 @@ import output
 import schema
 from batcher import Batcher, Producer
 from config import Config
-from engine import BaseEngine, is_fatal_device_error
+from engines import BaseEngine, is_fatal_device_error
 from errors import FatalDeviceError, ImageError, JobError, short
 from inputs import ImageFailure, ImageSource, JobInputs, decode_image
 from params import CaptionResult

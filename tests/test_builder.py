@@ -32,7 +32,7 @@ from transformers import AutoTokenizer, Blip2ForConditionalGeneration
 import config
 import modeling
 import preprocess
-from engine import TransformersEngine
+from engines import TransformersEngine
 from errors import ModelLoadError
 from params import GenerationParams
 

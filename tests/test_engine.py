@@ -4,9 +4,9 @@ import torch
 from PIL import Image, ImageDraw
 
 import config
-import engine as engine_mod
+import engines as engine_mod
 import modeling
-from engine import TransformersEngine
+from engines import TransformersEngine
 from errors import FatalDeviceError, ModelLoadError
 from params import CaptionResult, GenerationParams
 
@@ -244,7 +244,7 @@ def test_result_shape():
 def test_engine_module_does_not_import_runpod():
     import sys
     import subprocess
-    code = ("import sys; sys.path.insert(0, 'src'); import engine, modeling, preprocess; "
+    code = ("import sys; sys.path.insert(0, 'src'); import engines, modeling, preprocess; "
             "assert 'runpod' not in sys.modules; assert 'transformers.models.blip_2' not in "
             "sys.modules, 'no model code may load at import'")
     subprocess.run([sys.executable, "-c", code], check=True)

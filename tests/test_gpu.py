@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import config
-import engine as engine_mod
+import engines as engine_mod
 import generation
 import modeling
 import preprocess
