@@ -706,7 +706,8 @@ def test_a_checkpoint_without_safetensors_is_refused_clearly(tmp_path):
 
 def test_module_level_imports_are_stdlib_and_torch_only():
     """The LAVIS image runs this file with transformers 4.25 and maybe no safetensors: the hub,
-    transformers, safetensors and engine_lavis are imported only where they are used."""
+    transformers, safetensors and engines.lavis_checkpoints are imported only where they are
+    used."""
     tree = ast.parse(Path(fm.__file__).read_text())
     top = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import)
            for alias in node.names}

@@ -26,7 +26,8 @@ def load_engine(cfg: Config, decode: DecodeOptions | None = None) -> BaseEngine:
     ``decode``: the fast decoder's options where they are not ``decode_options``'s, as the
     benchmark's variants have them (the LAVIS engine has no fast decoder)."""
     if cfg.engine == "lavis":
-        from engine_lavis import LavisEngine  # separate environment (requirements-lavis.txt)
+        # separate environment (requirements-lavis.txt)
+        from engines.lavis_engine import LavisEngine
         engine: BaseEngine = LavisEngine.load(cfg)
     else:
         engine = TransformersEngine.load(cfg, decode)

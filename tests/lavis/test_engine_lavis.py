@@ -9,7 +9,7 @@ import torch
 
 import lavis_tiny
 import preprocess
-from engine_lavis import LavisEngine, clean, generate_kwargs, group_by_prompt
+from engines.lavis_engine import LavisEngine, clean, generate_kwargs, group_by_prompt
 from lavis_testlib import GenerateRecorder, captions, pictures, sharing, tiny_cfg
 from params import DEFAULT_PROMPT, GenerationParams
 
