@@ -32,6 +32,7 @@ from transformers import AutoTokenizer, Blip2ForConditionalGeneration
 import config
 import modeling
 import preprocess
+import testing_models
 from engines import TransformersEngine
 from errors import ModelLoadError
 from params import GenerationParams
@@ -81,7 +82,7 @@ def hub(tmp_path_factory) -> Path:
     """The tiny model as transformers saves it, in 6 shards + index, with its tokenizer, and
     files the download must skip (the pickled duplicate and its index, the model card)."""
     root = tmp_path_factory.mktemp("hub")
-    tiny = modeling.build_tiny(CPU, torch.float32)
+    tiny = testing_models.build_tiny(CPU, torch.float32)
     tiny.model.save_pretrained(root, max_shard_size="100KB")
     tiny.tokenizer.save_pretrained(root)
     (root / "pytorch_model.bin").write_bytes(b"fp32 pickle duplicate")
@@ -399,7 +400,7 @@ PROCESSOR = {"num_query_tokens": 32, "processor_class": "Blip2Processor"}  # as 
 def save_current_layout(root: Path, rows: int) -> Path:
     """The tiny model with ``rows`` embedding rows, saved by transformers in shards, with the
     processor files of the updated Hub repos: the layout from late 2024 on."""
-    tiny = modeling.build_tiny(CPU, torch.float32)
+    tiny = testing_models.build_tiny(CPU, torch.float32)
     torch.manual_seed(1)  # the new rows' values
     tiny.model.resize_token_embeddings(rows, mean_resizing=False)
     assert tiny.model.config.text_config.vocab_size == rows

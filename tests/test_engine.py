@@ -6,6 +6,7 @@ from PIL import Image, ImageDraw
 import config
 import engines as engine_mod
 import modeling
+import testing_models
 from engines import TransformersEngine
 from errors import FatalDeviceError, ModelLoadError
 from params import CaptionResult, GenerationParams
@@ -58,7 +59,7 @@ def test_invariant_guard_rejects_a_model_without_image_token():
 
 
 def test_random_full_config_is_the_real_architecture():
-    cfg = modeling.full_config()
+    cfg = testing_models.full_config()
     v, q, t = cfg.vision_config, cfg.qformer_config, cfg.text_config
     assert (v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.intermediate_size,
             v.image_size, v.patch_size, v.qkv_bias) == (1408, 39, 16, 6144, 364, 14, True)
@@ -66,7 +67,7 @@ def test_random_full_config_is_the_real_architecture():
     assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.ffn_dim,
             t.vocab_size) == (2560, 32, 32, 10240, 50304)
     assert cfg.image_token_index == 50265 and cfg.num_query_tokens == 32
-    tok = modeling.full_vocab_tokenizer()
+    tok = testing_models.full_vocab_tokenizer()
     assert modeling.newline_id(tok) == 50118
     assert tok.convert_tokens_to_ids("<image>") == 50265
 

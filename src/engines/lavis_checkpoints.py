@@ -5,7 +5,7 @@ Model sources (``BLIP_MODEL``): the default (or ``caption_coco_opt2.7b``) loads 
 the caches LAVIS reads -- ``eva_vit_g.pth`` and ``blip2_caption_opt2.7b.pth`` in the torch hub cache
 (``$TORCH_HOME/hub/checkpoints``), ``facebook/opt-2.7b`` and ``bert-base-uncased`` in the Hugging
 Face cache -- which ``prefetch`` downloads (``python builder/fetch_model.py --engine lavis``).
-``tiny-random`` builds a tiny model offline (``lavis_tiny``).
+``tiny-random`` builds a tiny model offline (``testing_models``).
 
 torch >= 2.6 loads with ``weights_only=True`` by default and LAVIS calls ``torch.load`` without the
 argument. ``trusted_checkpoint_loads`` keeps that safe default for every file and, only for the

@@ -105,8 +105,8 @@ def _source(model: str) -> tuple[contextlib.AbstractContextManager, str]:
     """(context yielding the LAVIS model type to load, model id to report); fails fast, before
     LAVIS is imported, on a source it cannot load."""
     if model == TINY:
-        import lavis_tiny
-        return lavis_tiny.registered(), TINY
+        import testing_models
+        return testing_models.registered(), TINY
     if model not in REAL_SOURCES:
         raise ModelLoadError(
             f"BLIP_MODEL={model!r} is not available with BLIP_ENGINE=lavis: it loads LAVIS's "

@@ -65,7 +65,7 @@ def main() -> None:
         measure(name, eng, {"load_s": eng.load_s})
         return
     with tempfile.TemporaryDirectory() as cold:
-        os.environ["XDG_CACHE_HOME"] = cold  # lavis_tiny builds its artifacts there
+        os.environ["XDG_CACHE_HOME"] = cold  # testing_models builds its artifacts there
         cold_s = load(base).load_s
         eng = load(base)
         measure(name, eng, {"load_cold_s": cold_s, "load_warm_s": eng.load_s})
