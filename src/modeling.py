@@ -4,7 +4,8 @@
   LAVIS ``blip2_opt`` / ``caption_coco_opt2.7b``) or a local directory such as the one
   ``builder/fetch_model.py`` writes: loaded with ``Blip2ForConditionalGeneration`` and the
   repo's tokenizer, SDPA attention, ``local_files_only`` when ``HF_HUB_OFFLINE=1``.
-- ``tiny-random`` and ``random-full``: built in code by ``testing_models``.
+- ``tiny-random`` and ``random-full`` (``SYNTHETIC``): built in code by ``testing_models``, which
+  the engine calls for them instead.
 
 ``load_model(source, device, dtype)`` returns a ``LoadedModel`` and checks the BLIP-2 invariants
 that transformers otherwise fails silently on (see ``check_invariants``).
@@ -22,6 +23,7 @@ from errors import ModelLoadError
 
 TINY = "tiny-random"
 RANDOM_FULL = "random-full"
+SYNTHETIC = (TINY, RANDOM_FULL)  # BLIP_MODEL values built in code (testing_models), not loaded
 NUM_QUERY_TOKENS = 32
 IMAGE_TOKEN = "<image>"
 
@@ -133,7 +135,7 @@ def check_invariants(m: LoadedModel) -> None:
         problems.append("config.image_token_index is outside the embedding table")
     if m.pad_token_id is None:
         problems.append("the tokenizer has no pad token")
-    if old and not problems and m.model_id not in (TINY, RANDOM_FULL):
+    if old and not problems and m.model_id not in SYNTHETIC:
         raise ModelLoadError(upgrade_message(m.model_id, old))
     if old:
         problems.append(f"it is in the pre-2024 BLIP-2 layout ({old})")
@@ -143,16 +145,11 @@ def check_invariants(m: LoadedModel) -> None:
 
 
 def load_model(source: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """Load or build the model. ``load_s`` excludes the one-off import of transformers."""
+    """Load the checkpoint ``source`` (a repo id or a directory; the ``SYNTHETIC`` names are
+    built by ``testing_models.load_model``). ``load_s`` excludes the one-off import of
+    transformers."""
     import transformers.models.blip_2.modeling_blip_2  # noqa: F401  (import cost: seconds)
     t0 = time.perf_counter()
-    if source == TINY:
-        import testing_models
-        loaded = testing_models.build_tiny(device, dtype)
-    elif source == RANDOM_FULL:
-        import testing_models
-        loaded = testing_models.build_random_full(device, dtype)
-    else:
-        loaded = load_pretrained(source, device, dtype)
+    loaded = load_pretrained(source, device, dtype)
     loaded.load_s = time.perf_counter() - t0
     return loaded

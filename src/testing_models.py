@@ -1,7 +1,7 @@
 """Models built in code, for tests, offline runs and benchmarks: no files, no network, fixed seeds.
 The worker imports this module only when ``BLIP_MODEL`` names one of them.
 
-Transformers engine (``modeling.load_model``):
+Transformers engine (``load_model``):
 
 - ``tiny-random``: a tiny BLIP-2 built in code (364 px ViT with patch 14 but tiny widths,
   Q-Former with 32 query tokens, tiny OPT) and a byte-level tokenizer built locally. No files,
@@ -46,6 +46,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from functools import partial
 from pathlib import Path
 from typing import Iterator
@@ -182,6 +183,16 @@ def build_tiny(device: torch.device, dtype: torch.dtype) -> LoadedModel:
 def build_random_full(device: torch.device, dtype: torch.dtype) -> LoadedModel:
     tok = full_vocab_tokenizer()
     return _loaded(_build_random(full_config(), tok, device, dtype, seed=0), tok, RANDOM_FULL)
+
+
+def load_model(name: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """Build ``tiny-random`` or ``random-full`` as ``modeling.load_model`` loads a checkpoint:
+    ``load_s`` excludes the one-off import of transformers."""
+    import transformers.models.blip_2.modeling_blip_2  # noqa: F401  (import cost: seconds)
+    t0 = time.perf_counter()
+    loaded = {TINY: build_tiny, RANDOM_FULL: build_random_full}[name](device, dtype)
+    loaded.load_s = time.perf_counter() - t0
+    return loaded
 
 
 # ==============================================================================================

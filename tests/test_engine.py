@@ -44,7 +44,7 @@ def captions(results):
 
 def test_tiny_random_builds_and_passes_invariants():
     # Load time is reported by `python src/bench.py --mode load`, not asserted here.
-    loaded = modeling.load_model("tiny-random", torch.device("cpu"), torch.float32)
+    loaded = testing_models.load_model("tiny-random", torch.device("cpu"), torch.float32)
     assert loaded.num_query_tokens == 32 and loaded.image_size == 364
     assert loaded.model.config.vision_config.patch_size == 14
     assert loaded.eos_token_id == loaded.tokenizer("\n", add_special_tokens=False).input_ids[0]
@@ -52,7 +52,7 @@ def test_tiny_random_builds_and_passes_invariants():
 
 
 def test_invariant_guard_rejects_a_model_without_image_token():
-    loaded = modeling.load_model("tiny-random", torch.device("cpu"), torch.float32)
+    loaded = testing_models.load_model("tiny-random", torch.device("cpu"), torch.float32)
     loaded.model.config.image_token_index = None
     with pytest.raises(ModelLoadError, match="image_token_index"):
         modeling.check_invariants(loaded)

@@ -69,7 +69,11 @@ class TransformersEngine(BaseEngine):
         import modeling
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
-        loaded = modeling.load_model(cfg.model, device, dtype)
+        if cfg.model in modeling.SYNTHETIC:  # tiny-random, random-full: built in code
+            import testing_models
+            loaded = testing_models.load_model(cfg.model, device, dtype)
+        else:
+            loaded = modeling.load_model(cfg.model, device, dtype)
         log.info("loaded %s on %s in %s in %.1fs", loaded.model_id, device,
                  str(dtype).replace("torch.", ""), loaded.load_s)
         return cls(cfg, device, dtype, loaded, decode)
