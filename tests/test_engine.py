@@ -43,7 +43,7 @@ def captions(results):
 
 
 def test_tiny_random_builds_and_passes_invariants():
-    # Load time is reported by `python src/bench.py --mode load`, not asserted here.
+    # Load time is reported by `python scripts/bench.py --mode load`, not asserted here.
     loaded = testing_models.load_model("tiny-random", torch.device("cpu"), torch.float32)
     assert loaded.num_query_tokens == 32 and loaded.image_size == 364
     assert loaded.model.config.vision_config.patch_size == 14
