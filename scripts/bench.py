@@ -387,7 +387,7 @@ def mode_pipeline(args, report: Report) -> None:
     eng = engine_mod.load_engine(cfg, decode_options(args, cfg))
     worker = jobs.Worker(cfg, eng)
     jpegs = synthetic_jpegs(args.images, args.image_size)
-    threads = worker.decode_pool._max_workers
+    threads = cfg.decode_threads  # the worker's decode pool has this many threads
     job = {"data_url": zip_data_uri(jpegs), "num_beams": params.num_beams,
            "max_length": params.max_length, "min_length": params.min_length}
     try:
