@@ -112,10 +112,6 @@ class Batcher:
             self._producers -= 1
             self._cv.notify_all()
 
-    def pending(self) -> int:
-        with self._cv:
-            return len(self._queue)
-
     # --- GPU thread -----------------------------------------------------------------------
     def _limit_for(self, params: GenerationParams) -> int:
         limit = self.engine.batch_limit(params)

@@ -62,10 +62,6 @@ def is_fatal_device_error(exc: BaseException) -> bool:
     return any(marker in text for marker in _FATAL_CUDA_MARKERS)
 
 
-def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError)
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
