@@ -269,7 +269,7 @@ def mode_job(args, report: Report) -> None:
         for staging in args.staging if eng.device.type == "cuda" else ["none (no GPU)"]:
             # pinned: each image preprocessed into pinned memory and copied to the GPU on its
             # own (the worker's default on CUDA); host: the batch stacked and pinned on the
-            # host by the GPU thread (the worker before commit cab8d32)
+            # host by the GPU thread (how the worker staged batches before pinned staging)
             eng.device_collate = staging == "pinned" and eng.device.type == "cuda"
             pixels = [eng.preprocess(decode(jpegs[i % len(jpegs)])) for i in range(args.images)]
             b = _batcher(args, eng)

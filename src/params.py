@@ -7,6 +7,9 @@ left-padded) and so is not part of it.
 
 Semantics (both engines): ``max_length`` / ``min_length`` count new caption tokens only (the
 prompt is not counted); eos is the "\\n" token; with ``use_nucleus_sampling`` one beam is used.
+
+What comes back: a ``CaptionResult`` per image (its captions, or a per-image error), and
+``compose`` makes the caption a user sees from the prompt and the continuation.
 """
 from __future__ import annotations
 

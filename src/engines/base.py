@@ -1,16 +1,25 @@
-"""Caption engine: owns the model — load, preprocess, generate, decode — behind a small,
-backend-neutral interface. No runpod import here.
+"""The engine interface: what the service needs of a caption engine, and what both engines share
+(batching in chunks, the out-of-memory fallback, chaos injection, memory bookkeeping). Imports
+neither engine; both import it. No runpod import here.
 
-Interface (both engines, see ``BaseEngine``)::
+What the service calls (``engines.load_engine(cfg)`` builds the engine and calls ``warmup``)::
 
-    engine = load_engine(cfg)                       # TransformersEngine, or LavisEngine (BLIP_ENGINE=lavis)
-    results = engine.caption(images, params, prompts="a photo of", batch_size=None)
-    results[i].captions   # list of num_captions strings for images[i] (input order)
-    results[i].error      # or a readable per-image error (e.g. out of memory even alone)
+    engine.preprocess(pil) -> tensor      # decode threads (jobs, caption_folder); thread-safe
+    engine.image_size                     # the side images are decoded towards
+    engine.batch_limit(params) -> int     # largest batch for these params (batcher, jobs)
+    engine.generate_with_fallback(pixels, prompts, params, batch_size)
+        -> (results, batch size that worked)      # the GPU thread (batcher, caption_folder)
+    engine.collate(pixels) -> batch       # inside generate_with_fallback (and the benchmark)
+    engine.max_batch_size                 # sizes admission (handler, jobs)
+    engine.release_memory() -> stats      # after each job (jobs)
+    engine.warmup() -> seconds            # once, at load (load_engine)
+    engine.name, .model_id, .device       # reported (handler, output)
 
-Lower level, used by the batching pipeline (``batcher.py``) which feeds the GPU from worker
-threads: ``engine.preprocess(pil) -> tensor`` (CPU, thread-safe) and
-``engine.generate_with_fallback(pixels, prompts, params, batch_size)``.
+``results[i]`` is a ``CaptionResult``: ``captions``, ``num_captions`` strings for ``pixels[i]``
+(input order), or ``error``, a readable per-image error (e.g. out of memory even alone).
+
+``engine.caption(images, params, prompts="a photo of", batch_size=None)`` does all of it for PIL
+images in one call: a convenience for tools and tests; the service does not use it.
 
 Generation semantics (the API contract): the prompt follows the 32 query tokens and BOS; the
 caption is the continuation without the prompt, stripped (``include_prompt`` prepends it);
@@ -79,7 +88,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class BaseEngine:
-    """Shared batching, OOM fallback, chaos injection and memory bookkeeping.
+    """Shared batching, OOM fallback, chaos injection and memory bookkeeping (the interface the
+    service calls: see the module docstring).
 
     Subclasses set ``name``, ``model_id``, ``device``, ``dtype``, ``image_size`` and implement
     ``preprocess`` and ``_generate``.
@@ -175,7 +185,8 @@ class BaseEngine:
     def caption(self, images: Sequence[Image.Image], params: GenerationParams | None = None,
                 prompts: str | Sequence[str] = DEFAULT_PROMPT, batch_size: int | None = None,
                 include_prompt: bool = False) -> list[CaptionResult]:
-        """Caption PIL images in input order (the simple, synchronous path)."""
+        """Caption PIL images in input order (the simple, synchronous path): a convenience for
+        tools and tests; the service goes through ``preprocess`` and ``generate_with_fallback``."""
         params = params or GenerationParams()
         if isinstance(prompts, str):
             prompts = [prompts] * len(images)

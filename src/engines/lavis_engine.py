@@ -3,8 +3,10 @@
 The seed worker's exact stack, for users who want it: the model comes from LAVIS's
 ``load_model_and_preprocess(name="blip2_opt", model_type="caption_coco_opt2.7b", is_eval=True)``,
 images go through LAVIS's ``vis_processors["eval"]`` and captions through ``Blip2OPT.generate``,
-all unchanged. Batching, the OOM fallback and the chaos knob are ``engine.BaseEngine``'s, shared
-with the default transformers engine; the API contract is the same (see ``engine``).
+all unchanged. Batching, the OOM fallback and the chaos knob are ``engines.base.BaseEngine``'s,
+shared with the default transformers engine; the API contract is the same (see ``engines.base``).
+The files it loads, and fetching them, are ``engines.lavis_checkpoints``'; ``tiny-random`` is
+built by ``testing_models``.
 
 Needs its own environment: requirements-lavis.txt (transformers 4.25.1, torch 2.14.1), built by
 ``make venv-lavis``. Do not import this module from the main environment.
