@@ -37,8 +37,8 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-import engines.base as engine
 from config import DEFAULT_MODEL, Config
+from engines.base import BaseEngine, resolve_device, resolve_dtype
 from engines.lavis_checkpoints import (CacheLayout, cache_layout, lavis_checkpoint_paths,
                                        missing_files, trusted_checkpoint_loads)
 from errors import ModelLoadError
@@ -83,7 +83,7 @@ def clean(text: str) -> str:
 def lavis_dtype(name: str, device: torch.device) -> torch.dtype:
     """LAVIS's precision on ``device``; BLIP_DTYPE may only name it (or be ``auto``)."""
     natural = torch.float16 if device.type == "cuda" else torch.float32
-    if name != "auto" and engine.resolve_dtype(name, device) != natural:
+    if name != "auto" and resolve_dtype(name, device) != natural:
         raise ModelLoadError(
             f"BLIP_DTYPE={name} is not available with BLIP_ENGINE=lavis: LAVIS runs float16 "
             "autocast on CUDA and float32 on CPU. Unset BLIP_DTYPE (auto) or use "
@@ -121,7 +121,7 @@ def _source(model: str) -> tuple[contextlib.AbstractContextManager, str]:
     return contextlib.nullcontext(MODEL_TYPE), MODEL_ID
 
 
-class LavisEngine(engine.BaseEngine):
+class LavisEngine(BaseEngine):
     """BLIP-2 OPT-2.7b COCO captioning on salesforce-lavis (``Blip2OPT``)."""
 
     name = "lavis"
@@ -139,7 +139,7 @@ class LavisEngine(engine.BaseEngine):
 
     @classmethod
     def load(cls, cfg: Config) -> "LavisEngine":
-        device = engine.resolve_device(cfg.device)
+        device = resolve_device(cfg.device)
         dtype = lavis_dtype(cfg.dtype, device)
         source, model_id = _source(cfg.model)
         import transformers
