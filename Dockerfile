@@ -132,9 +132,9 @@ RUN if [ "$BLIP_ENGINE" = transformers ]; then \
 COPY src/ src/
 COPY test_input.json ./
 
-# LAVIS engine: its checkpoints are fetched by src/engine_lavis.py into this user's default
-# torch hub and Hugging Face caches, where the worker reads them. (This step needs src/, so for
-# the LAVIS variant an edit of src/ fetches them again; the transformers variant does not.)
+# LAVIS engine: its checkpoints are fetched by src/engines/lavis_checkpoints.py into this user's
+# default torch hub and Hugging Face caches, where the worker reads them. (This step needs src/,
+# so for the LAVIS variant an edit of src/ fetches them again; the transformers variant does not.)
 RUN if [ "$BLIP_ENGINE" = lavis ]; then python builder/fetch_model.py --engine lavis; fi
 
 # Per-engine model setting. ENV cannot branch on a build arg, so each engine gets a one-line
@@ -144,7 +144,7 @@ ARG BLIP_MODEL_REPO
 ENV BLIP_MODEL=/models/${BLIP_MODEL_REPO}
 
 FROM build AS engine-lavis
-# LAVIS's own caption_coco_opt2.7b (src/engine_lavis.py refuses any other real model).
+# LAVIS's own caption_coco_opt2.7b (src/engines/lavis_engine.py refuses any other real model).
 ENV BLIP_MODEL=caption_coco_opt2.7b
 
 FROM engine-${BLIP_ENGINE}

@@ -67,11 +67,11 @@ test-gpu: venv
 	$(BIN)/python -m pytest -q -m gpu tests/test_gpu.py
 
 bench: venv
-	$(BIN)/python src/bench.py --mode load
-	$(BIN)/python src/bench.py --mode engine --batch-sizes 1,8,32 --decoders fast,hf --compare-naive
-	$(BIN)/python src/bench.py --mode concurrent --images 32
-	$(BIN)/python src/bench.py --mode pipeline --images 256 --image-size 640x480 --batch-sizes 64
-	$(BIN)/python src/bench.py --mode api --images 32
+	$(BIN)/python scripts/bench.py --mode load
+	$(BIN)/python scripts/bench.py --mode engine --batch-sizes 1,8,32 --decoders fast,hf --compare-naive
+	$(BIN)/python scripts/bench.py --mode concurrent --images 32
+	$(BIN)/python scripts/bench.py --mode pipeline --images 256 --image-size 640x480 --batch-sizes 64
+	$(BIN)/python scripts/bench.py --mode api --images 32
 
 clean:
 	rm -rf $(VENV) $(LAVIS_VENV) .pytest_cache .hypothesis

@@ -118,7 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine", choices=("transformers", "lavis"), default="transformers",
                    help="transformers: download + fp16 conversion (default); lavis: pre-download "
-                        "the LAVIS checkpoints with src/engine_lavis.py")
+                        "the LAVIS checkpoints with src/engines/lavis_checkpoints.py")
     p.add_argument("--model", default=None, help=f"Hub repo id (default {DEFAULT_REPO})")
     p.add_argument("--revision", default=None,
                    help="branch, tag or commit (default: main); older revisions are upgraded to "
@@ -924,12 +924,13 @@ def fetch_transformers(args: argparse.Namespace) -> int:
 
 
 def fetch_lavis(args: argparse.Namespace) -> int:
-    """``engine_lavis.prefetch`` downloads what the LAVIS engine loads (its own code)."""
+    """``lavis_checkpoints.prefetch`` downloads what the LAVIS engine loads (its own code)."""
     sys.path.insert(0, str(SRC_DIR))
-    import engine_lavis  # only in the LAVIS environment (requirements-lavis.txt)
+    from engines import lavis_checkpoints  # only in the LAVIS environment (requirements-lavis.txt)
+    from errors import ModelLoadError
     try:
-        env = engine_lavis.prefetch(cache_dir=args.cache_dir)
-    except engine_lavis.ModelLoadError as exc:
+        env = lavis_checkpoints.prefetch(cache_dir=args.cache_dir)
+    except ModelLoadError as exc:
         raise FetchError(str(exc)) from exc
     if env:
         print("run the worker with: " + " ".join(f"{k}={v}" for k, v in sorted(env.items())))

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 import bench  # noqa: E402
 import config  # noqa: E402
-import engine as engine_mod  # noqa: E402
+import engines as engine_mod  # noqa: E402
 import inputs  # noqa: E402
 import preprocess  # noqa: E402
 from params import GenerationParams  # noqa: E402

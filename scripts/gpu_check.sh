@@ -16,7 +16,7 @@ fi
 (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true) | tee "$OUT/gpu.log"
 (nvidia-smi --query-compute-apps=pid,used_memory --format=csv || true) | tee -a "$OUT/gpu.log"
 date -u | tee -a "$OUT/gpu.log"
-B="python3 src/bench.py --model $MODEL --out $OUT/bench.jsonl"
+B="python3 scripts/bench.py --model $MODEL --out $OUT/bench.jsonl"
 step() { echo "=== $*" | tee -a "$OUT/steps.log"; timeout "$@" 2>&1 | grep -v Warning | tee -a "$OUT/steps.log"; clocks; }
 # clocks, power and throttle reasons after each step: a throttled or shared GPU shows here
 clocks() { nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active,utilization.gpu --format=csv,noheader >> "$OUT/gpu.log" 2>&1 || true; }

@@ -13,7 +13,7 @@ sys.path.insert(0, "src")
 import torch  # noqa: E402
 
 import bench  # noqa: E402
-import modeling  # noqa: E402
+import testing_models  # noqa: E402
 
 model = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else "random-full"
 if "--where" in sys.argv:
@@ -25,7 +25,7 @@ if "--where" in sys.argv:
     sys.exit(0)
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 dtype = torch.float16 if dev.type == "cuda" else torch.float32
-m = modeling.load_model(model, dev, dtype)
+m = testing_models.load_model(model, dev, dtype)
 vm = m.model.vision_model
 
 

@@ -5,10 +5,10 @@ encoder at batch 64.  python scripts/gpu_profile.py"""
 import sys, time, json
 sys.path.insert(0, "src")
 import torch
-import modeling, preprocess, generation
+import testing_models, preprocess, generation
 from params import GenerationParams as G
 dev = torch.device("cuda")
-m = modeling.load_model("random-full", dev, torch.float16)
+m = testing_models.load_model("random-full", dev, torch.float16)
 gen = generation.FastGenerator(m.model, m.eos_token_id, m.pad_token_id,
                                generation.DecodeOptions(cuda_graphs=True, graph_memory_bytes=2**32))
 tok = m.tokenizer

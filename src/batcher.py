@@ -31,8 +31,8 @@ from typing import Callable
 
 import torch
 
-from engine import BaseEngine, CaptionResult
-from params import GenerationParams
+from engines import BaseEngine
+from params import CaptionResult, GenerationParams
 
 log = logging.getLogger("blip.batcher")
 _NO_CAP = 1 << 30
@@ -111,10 +111,6 @@ class Batcher:
         with self._cv:
             self._producers -= 1
             self._cv.notify_all()
-
-    def pending(self) -> int:
-        with self._cv:
-            return len(self._queue)
 
     # --- GPU thread -----------------------------------------------------------------------
     def _limit_for(self, params: GenerationParams) -> int:

@@ -215,7 +215,8 @@ class FolderCaptioner:
         return self.summary
 
     def _caption(self, ready: list[tuple[Task, object]]) -> None:
-        from engine import FatalDeviceError, compose
+        from errors import FatalDeviceError
+        from params import compose
         req = self.request
         try:
             results, self.batch = self.engine.generate_with_fallback(
@@ -271,12 +272,12 @@ def main(argv: Sequence[str] | None = None, engine=None) -> int:
     logging.basicConfig(level=cfg.log_level, format="%(levelname)s %(name)s: %(message)s")
     if engine is None:
         import modeling
-        from engine import load_engine
+        from engines import load_engine
         try:
             engine = load_engine(cfg)
         except (modeling.ModelLoadError, ValueError) as exc:
             return _fail_usage(str(exc))
-    from engine import FatalDeviceError
+    from errors import FatalDeviceError
     from tqdm import tqdm
     started = time.monotonic()
     with tqdm(total=len(tasks), unit="img", desc="captioning", file=sys.stderr,

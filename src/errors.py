@@ -27,3 +27,10 @@ class ImageError(Exception):
         super().__init__(message)
         self.message = message
 
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be loaded; the message says which setting to change and how."""
+
+
+class FatalDeviceError(RuntimeError):
+    """The GPU is in a state no job can recover from; RunPod must replace the worker."""

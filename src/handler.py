@@ -92,9 +92,9 @@ def setup(cfg: Config) -> Service:
     """Load the model, start the worker and its job threads, and hold the service that
     ``handler`` serves (also used by tests)."""
     global service
-    import engine
+    import engines
     import jobs
-    eng = engine.load_engine(cfg)
+    eng = engines.load_engine(cfg)
     max_jobs = jobs.concurrent_jobs(cfg.max_concurrent_jobs, eng.max_batch_size)
     executor = jobs.start_threads(ThreadPoolExecutor(max_jobs, thread_name_prefix="job"),
                                   max_jobs)

@@ -32,9 +32,10 @@ import output
 import schema
 from batcher import Batcher, Producer
 from config import Config
-from engine import BaseEngine, CaptionResult, FatalDeviceError, is_fatal_device_error
-from errors import ImageError, JobError
+from engines import BaseEngine, is_fatal_device_error
+from errors import FatalDeviceError, ImageError, JobError
 from inputs import ImageFailure, ImageSource, JobInputs, decode_image
+from params import CaptionResult
 from text import short
 
 log = logging.getLogger("blip.jobs")

@@ -4,13 +4,8 @@
   LAVIS ``blip2_opt`` / ``caption_coco_opt2.7b``) or a local directory such as the one
   ``builder/fetch_model.py`` writes: loaded with ``Blip2ForConditionalGeneration`` and the
   repo's tokenizer, SDPA attention, ``local_files_only`` when ``HF_HUB_OFFLINE=1``.
-- ``tiny-random``: a tiny BLIP-2 built in code (364 px ViT with patch 14 but tiny widths,
-  Q-Former with 32 query tokens, tiny OPT) and a byte-level tokenizer built locally. No files,
-  no network, fixed seed. Its weights are drawn large enough that distinct images give distinct
-  captions, and its generation config suppresses every token but ``a``-``z`` and space, so its
-  captions are readable nonsense ("qv dxe lkz") instead of control bytes.
-- ``random-full``: the real architecture with random weights (the real checkpoint's compute),
-  built directly on the target device in the target dtype; for GPU benchmarks.
+- ``tiny-random`` and ``random-full`` (``SYNTHETIC``): built in code by ``testing_models``, which
+  the engine calls for them instead.
 
 ``load_model(source, device, dtype)`` returns a ``LoadedModel`` and checks the BLIP-2 invariants
 that transformers otherwise fails silently on (see ``check_invariants``).
@@ -24,20 +19,13 @@ from typing import Any
 
 import torch
 
+from errors import ModelLoadError
+
 TINY = "tiny-random"
 RANDOM_FULL = "random-full"
+SYNTHETIC = (TINY, RANDOM_FULL)  # BLIP_MODEL values built in code (testing_models), not loaded
 NUM_QUERY_TOKENS = 32
 IMAGE_TOKEN = "<image>"
-# OPT ids (facebook/opt-*): <s>=0 <pad>=1 </s>=2 (OPT's BOS is </s>), "\n" = 50118, and the HF
-# BLIP-2 OPT checkpoints add "<image>" as 50265 in a 50304-row (padded) embedding.
-OPT_PAD, OPT_BOS = 1, 2
-OPT_NEWLINE = 50118
-OPT_IMAGE_TOKEN = 50265
-OPT_VOCAB_ROWS = 50304
-
-
-class ModelLoadError(RuntimeError):
-    """The model cannot be loaded; the message says which setting to change and how."""
 
 
 @dataclass
@@ -53,45 +41,6 @@ class LoadedModel:
     load_s: float = 0.0
 
 
-# ----------------------------------------------------------------------------------------------
-# tokenizers built in code
-# ----------------------------------------------------------------------------------------------
-def _byte_vocab() -> list[str]:
-    from tokenizers.pre_tokenizers import ByteLevel
-    return sorted(ByteLevel.alphabet())
-
-
-def _gpt2_tokenizer(vocab: dict[str, int]):
-    from transformers import GPT2Tokenizer
-    tok = GPT2Tokenizer(vocab=vocab, merges=[], bos_token="</s>", eos_token="</s>",
-                        unk_token="</s>", pad_token="<pad>", add_bos_token=True)
-    tok.padding_side = "left"
-    tok.add_tokens([IMAGE_TOKEN], special_tokens=True)
-    return tok
-
-
-def tiny_tokenizer():
-    """Byte-level BPE (no merges) with OPT's special ids and ``<image>`` appended."""
-    specials = ["<s>", "<pad>", "</s>", "<unk>"]
-    return _gpt2_tokenizer({t: i for i, t in enumerate(specials + _byte_vocab())})
-
-
-def full_vocab_tokenizer():
-    """Byte-level tokenizer laid out with OPT-2.7b's ids where they matter: specials 0-3,
-    "\\n" at 50118, ``<image>`` at 50265 (vocab rows 50304). Other rows are fillers: random-full
-    only needs the ids and the compute to match the real model, not the words."""
-    specials = ["<s>", "<pad>", "</s>", "<unk>"]
-    newline_char = "\u010a"  # byte-level form of "\n"
-    bytes_ = [c for c in _byte_vocab() if c != newline_char]
-    tokens = specials + bytes_
-    tokens += [f"<unused{i}>" for i in range(OPT_NEWLINE - len(tokens))]
-    tokens.append(newline_char)
-    tokens += [f"<unused{i}>" for i in range(len(tokens), OPT_IMAGE_TOKEN)]
-    tok = _gpt2_tokenizer({t: i for i, t in enumerate(tokens)})
-    assert tok.convert_tokens_to_ids(IMAGE_TOKEN) == OPT_IMAGE_TOKEN
-    return tok
-
-
 def newline_id(tok) -> int:
     ids = tok("\n", add_special_tokens=False).input_ids
     if len(ids) != 1:
@@ -101,83 +50,8 @@ def newline_id(tok) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# configs
+# loading a checkpoint
 # ----------------------------------------------------------------------------------------------
-def tiny_config(tok):
-    from transformers import Blip2Config, OPTConfig
-    # Large random weights so the image moves the logits (see module docstring). These ranges
-    # were picked by measuring: 40 distinct synthetic images -> 38-40 distinct greedy captions.
-    tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    return Blip2Config(
-        vision_config=dict(tiny, image_size=364, patch_size=14, initializer_range=0.5),
-        qformer_config=dict(tiny, encoder_hidden_size=32, initializer_range=0.3),
-        text_config=OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                              ffn_dim=64, num_attention_heads=2, max_position_embeddings=640,
-                              word_embed_proj_dim=32, init_std=1.5, pad_token_id=OPT_PAD,
-                              bos_token_id=OPT_BOS, eos_token_id=newline_id(tok)).to_dict(),
-        num_query_tokens=NUM_QUERY_TOKENS, initializer_range=0.3,
-        image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN))
-
-
-def full_config():
-    """The Salesforce/blip2-opt-2.7b-coco architecture (ViT-g at 364 px, Q-Former, OPT-2.7b)."""
-    from transformers import Blip2Config, OPTConfig
-    return Blip2Config(
-        vision_config=dict(hidden_size=1408, num_hidden_layers=39, num_attention_heads=16,
-                           intermediate_size=6144, image_size=364, patch_size=14, qkv_bias=True),
-        qformer_config=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                            intermediate_size=3072, encoder_hidden_size=1408,
-                            cross_attention_frequency=2),
-        text_config=OPTConfig(hidden_size=2560, num_hidden_layers=32, ffn_dim=10240,
-                              num_attention_heads=32, vocab_size=OPT_VOCAB_ROWS,
-                              max_position_embeddings=2048, word_embed_proj_dim=2560,
-                              pad_token_id=OPT_PAD, bos_token_id=OPT_BOS,
-                              eos_token_id=OPT_NEWLINE).to_dict(),
-        num_query_tokens=NUM_QUERY_TOKENS, image_token_index=OPT_IMAGE_TOKEN)
-
-
-# ----------------------------------------------------------------------------------------------
-# builders / loaders
-# ----------------------------------------------------------------------------------------------
-def _build_random(config, tok, device: torch.device, dtype: torch.dtype, seed: int):
-    from transformers import Blip2ForConditionalGeneration
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    try:
-        with torch.device(device):
-            torch.set_default_dtype(dtype)
-            model = Blip2ForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(previous)
-    # Match from_pretrained: the Q-Former and query tokens stay in float32 (_keep_in_fp32_modules).
-    for name in getattr(model, "_keep_in_fp32_modules", None) or []:
-        part = getattr(model, name)
-        if isinstance(part, torch.nn.Parameter):
-            part.data = part.data.float()
-        else:
-            part.float()
-    return model.eval()
-
-
-def build_tiny(device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    tok = tiny_tokenizer()
-    model = _build_random(tiny_config(tok), tok, device, dtype, seed=0)
-    with torch.no_grad():  # pixels dominate the patch embeddings, not the position embeddings
-        model.vision_model.embeddings.patch_embedding.weight.mul_(10.0)
-    keep = {tok.convert_tokens_to_ids(c) for c in "abcdefghijklmnopqrstuvwxyz"}
-    keep |= {tok.convert_tokens_to_ids("\u0120"), newline_id(tok)}  # space, "\n"
-    # generate() runs the language model's own generate, so its generation config is the one used.
-    model.language_model.generation_config.suppress_tokens = [
-        i for i in range(len(tok)) if i not in keep]
-    return _loaded(model, tok, TINY)
-
-
-def build_random_full(device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    tok = full_vocab_tokenizer()
-    return _loaded(_build_random(full_config(), tok, device, dtype, seed=0), tok, RANDOM_FULL)
-
-
 def load_pretrained(source: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     from transformers import AutoTokenizer, Blip2ForConditionalGeneration
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes")
@@ -261,7 +135,7 @@ def check_invariants(m: LoadedModel) -> None:
         problems.append("config.image_token_index is outside the embedding table")
     if m.pad_token_id is None:
         problems.append("the tokenizer has no pad token")
-    if old and not problems and m.model_id not in (TINY, RANDOM_FULL):
+    if old and not problems and m.model_id not in SYNTHETIC:
         raise ModelLoadError(upgrade_message(m.model_id, old))
     if old:
         problems.append(f"it is in the pre-2024 BLIP-2 layout ({old})")
@@ -271,14 +145,11 @@ def check_invariants(m: LoadedModel) -> None:
 
 
 def load_model(source: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """Load or build the model. ``load_s`` excludes the one-off import of transformers."""
+    """Load the checkpoint ``source`` (a repo id or a directory; the ``SYNTHETIC`` names are
+    built by ``testing_models.load_model``). ``load_s`` excludes the one-off import of
+    transformers."""
     import transformers.models.blip_2.modeling_blip_2  # noqa: F401  (import cost: seconds)
     t0 = time.perf_counter()
-    if source == TINY:
-        loaded = build_tiny(device, dtype)
-    elif source == RANDOM_FULL:
-        loaded = build_random_full(device, dtype)
-    else:
-        loaded = load_pretrained(source, device, dtype)
+    loaded = load_pretrained(source, device, dtype)
     loaded.load_s = time.perf_counter() - t0
     return loaded

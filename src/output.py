@@ -26,8 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from engine import CaptionResult, compose
 from errors import JobError
+from params import CaptionResult, compose
 from text import FORMAT_LIST, short
 
 MAX_ERRORS_IN_MESSAGE = 10

@@ -7,10 +7,13 @@ left-padded) and so is not part of it.
 
 Semantics (both engines): ``max_length`` / ``min_length`` count new caption tokens only (the
 prompt is not counted); eos is the "\\n" token; with ``use_nucleus_sampling`` one beam is used.
+
+What comes back: a ``CaptionResult`` per image (its captions, or a per-image error), and
+``compose`` makes the caption a user sees from the prompt and the continuation.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 DEFAULT_PROMPT = "a photo of"
 
@@ -46,3 +49,20 @@ class GenerationParams:
     def sequences_per_image(self) -> int:
         """Rows the decoder carries per image; sizes the KV cache and memory per image."""
         return max(self.effective_beams, self.num_captions)
+
+
+@dataclass
+class CaptionResult:
+    captions: list[str] = field(default_factory=list)  # num_captions strings, best first
+    error: str | None = None
+
+    @property
+    def caption(self) -> str | None:
+        return self.captions[0] if self.captions else None
+
+
+def compose(prompt: str, continuation: str, include_prompt: bool) -> str:
+    """The caption a user sees: the continuation, or prompt + continuation."""
+    if not include_prompt:
+        return continuation
+    return f"{prompt.strip()} {continuation}".strip()

@@ -5,7 +5,7 @@ import time
 import pytest
 
 import config
-import engine as engine_mod
+import engines as engine_mod
 from batcher import Batcher
 from params import GenerationParams
 from test_engine import distinct_images

@@ -1,10 +1,13 @@
-"""The benchmark (src/bench.py): every mode runs on the tiny model and prints the JSON lines that
+"""The benchmark (scripts/bench.py): every mode runs on the tiny model and prints the JSON lines that
 OPTIMIZATION.md quotes. Only what the numbers are made of is checked here, never a speed."""
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
-import bench
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import bench  # noqa: E402  (scripts/bench.py: a tool, not part of the worker)
 
 SMALL = ["--model", "tiny-random", "--image-size", "96x64", "--new-tokens", "4"]
 

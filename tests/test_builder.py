@@ -32,7 +32,9 @@ from transformers import AutoTokenizer, Blip2ForConditionalGeneration
 import config
 import modeling
 import preprocess
-from engine import TransformersEngine
+import testing_models
+from engines import TransformersEngine
+from errors import ModelLoadError
 from params import GenerationParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "builder"))
@@ -80,7 +82,7 @@ def hub(tmp_path_factory) -> Path:
     """The tiny model as transformers saves it, in 6 shards + index, with its tokenizer, and
     files the download must skip (the pickled duplicate and its index, the model card)."""
     root = tmp_path_factory.mktemp("hub")
-    tiny = modeling.build_tiny(CPU, torch.float32)
+    tiny = testing_models.build_tiny(CPU, torch.float32)
     tiny.model.save_pretrained(root, max_shard_size="100KB")
     tiny.tokenizer.save_pretrained(root)
     (root / "pytorch_model.bin").write_bytes(b"fp32 pickle duplicate")
@@ -398,7 +400,7 @@ PROCESSOR = {"num_query_tokens": 32, "processor_class": "Blip2Processor"}  # as 
 def save_current_layout(root: Path, rows: int) -> Path:
     """The tiny model with ``rows`` embedding rows, saved by transformers in shards, with the
     processor files of the updated Hub repos: the layout from late 2024 on."""
-    tiny = modeling.build_tiny(CPU, torch.float32)
+    tiny = testing_models.build_tiny(CPU, torch.float32)
     torch.manual_seed(1)  # the new rows' values
     tiny.model.resize_token_embeddings(rows, mean_resizing=False)
     assert tiny.model.config.text_config.vocab_size == rows
@@ -633,14 +635,14 @@ def test_upgrade_refuses_what_cannot_be_upgraded_saying_why(fixture, edit, reaso
 
 
 def test_the_worker_names_the_upgrade_for_an_old_layout_directory_and_repo(hub_old):
-    with pytest.raises(modeling.ModelLoadError) as exc:
+    with pytest.raises(ModelLoadError) as exc:
         modeling.load_model(str(hub_old), CPU, torch.float32)
     msg = str(exc.value)
     assert "BLIP-2 layout from before late 2024" in msg and "no <image> token" in msg
     assert f"`python builder/fetch_model.py --upgrade {hub_old}`" in msg
 
     model = Blip2ForConditionalGeneration.from_pretrained(hub_old, dtype=torch.float32)
-    with pytest.raises(modeling.ModelLoadError) as exc:  # BLIP_MODEL=FORK, from the Hub
+    with pytest.raises(ModelLoadError) as exc:  # BLIP_MODEL=FORK, from the Hub
         modeling._loaded(model, AutoTokenizer.from_pretrained(hub_old), FORK)
     assert (f"`python builder/fetch_model.py --model {FORK} --out models/blip2-fork` (which "
             "upgrades it) and set BLIP_MODEL=models/blip2-fork") in str(exc.value)
@@ -705,7 +707,8 @@ def test_a_checkpoint_without_safetensors_is_refused_clearly(tmp_path):
 
 def test_module_level_imports_are_stdlib_and_torch_only():
     """The LAVIS image runs this file with transformers 4.25 and maybe no safetensors: the hub,
-    transformers, safetensors and engine_lavis are imported only where they are used."""
+    transformers, safetensors and engines.lavis_checkpoints are imported only where they are
+    used."""
     tree = ast.parse(Path(fm.__file__).read_text())
     top = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import)
            for alias in node.names}

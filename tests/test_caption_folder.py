@@ -9,7 +9,7 @@ import pytest
 
 import caption_folder
 import config
-import engine as engine_mod
+import engines as engine_mod
 import jobs
 import schema
 import testlib

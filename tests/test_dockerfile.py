@@ -297,7 +297,7 @@ def check_cmd(root: Path, image: list[Instruction]) -> list[str]:
 
 def lavis_model_values(root: Path) -> set[str]:
     """The real-model BLIP_MODEL values the LAVIS engine accepts, read without importing it."""
-    tree = ast.parse((root / "src" / "engine_lavis.py").read_text())
+    tree = ast.parse((root / "src" / "engines" / "lavis_engine.py").read_text())
     consts = {t.id: node.value.value for node in tree.body if isinstance(node, ast.Assign)
               for t in node.targets if isinstance(t, ast.Name)
               and isinstance(node.value, ast.Constant)}

@@ -4,10 +4,12 @@ import torch
 from PIL import Image, ImageDraw
 
 import config
-import engine as engine_mod
+import engines as engine_mod
 import modeling
-from engine import CaptionResult, FatalDeviceError, TransformersEngine
-from params import GenerationParams
+import testing_models
+from engines import TransformersEngine
+from errors import FatalDeviceError, ModelLoadError
+from params import CaptionResult, GenerationParams
 
 GREEDY = GenerationParams(num_beams=1, max_length=12, min_length=5)
 BEAMS3 = GenerationParams(num_beams=3, max_length=12, min_length=5)
@@ -41,8 +43,8 @@ def captions(results):
 
 
 def test_tiny_random_builds_and_passes_invariants():
-    # Load time is reported by `python src/bench.py --mode load`, not asserted here.
-    loaded = modeling.load_model("tiny-random", torch.device("cpu"), torch.float32)
+    # Load time is reported by `python scripts/bench.py --mode load`, not asserted here.
+    loaded = testing_models.load_model("tiny-random", torch.device("cpu"), torch.float32)
     assert loaded.num_query_tokens == 32 and loaded.image_size == 364
     assert loaded.model.config.vision_config.patch_size == 14
     assert loaded.eos_token_id == loaded.tokenizer("\n", add_special_tokens=False).input_ids[0]
@@ -50,14 +52,14 @@ def test_tiny_random_builds_and_passes_invariants():
 
 
 def test_invariant_guard_rejects_a_model_without_image_token():
-    loaded = modeling.load_model("tiny-random", torch.device("cpu"), torch.float32)
+    loaded = testing_models.load_model("tiny-random", torch.device("cpu"), torch.float32)
     loaded.model.config.image_token_index = None
-    with pytest.raises(modeling.ModelLoadError, match="image_token_index"):
+    with pytest.raises(ModelLoadError, match="image_token_index"):
         modeling.check_invariants(loaded)
 
 
 def test_random_full_config_is_the_real_architecture():
-    cfg = modeling.full_config()
+    cfg = testing_models.full_config()
     v, q, t = cfg.vision_config, cfg.qformer_config, cfg.text_config
     assert (v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.intermediate_size,
             v.image_size, v.patch_size, v.qkv_bias) == (1408, 39, 16, 6144, 364, 14, True)
@@ -65,7 +67,7 @@ def test_random_full_config_is_the_real_architecture():
     assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.ffn_dim,
             t.vocab_size) == (2560, 32, 32, 10240, 50304)
     assert cfg.image_token_index == 50265 and cfg.num_query_tokens == 32
-    tok = modeling.full_vocab_tokenizer()
+    tok = testing_models.full_vocab_tokenizer()
     assert modeling.newline_id(tok) == 50118
     assert tok.convert_tokens_to_ids("<image>") == 50265
 
@@ -90,7 +92,7 @@ def test_lavis_engine_outside_its_environment_says_where_to_run_it(monkeypatch, 
 
 def test_missing_weights_give_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(modeling.ModelLoadError) as info:
+    with pytest.raises(ModelLoadError) as info:
         modeling.load_model(str(tmp_path / "no-such-model"), torch.device("cpu"), torch.float32)
     msg = str(info.value)
     assert "BLIP_MODEL" in msg and "builder/fetch_model.py" in msg and "tiny-random" in msg
@@ -243,7 +245,7 @@ def test_result_shape():
 def test_engine_module_does_not_import_runpod():
     import sys
     import subprocess
-    code = ("import sys; sys.path.insert(0, 'src'); import engine, modeling, preprocess; "
+    code = ("import sys; sys.path.insert(0, 'src'); import engines, modeling, preprocess; "
             "assert 'runpod' not in sys.modules; assert 'transformers.models.blip_2' not in "
             "sys.modules, 'no model code may load at import'")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import config
-import engine as engine_mod
+import engines as engine_mod
 import generation
 import preprocess
 from generation.workspace import EncodeGraph

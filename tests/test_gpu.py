@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import config
-import engine as engine_mod
+import engines as engine_mod
 import generation
-import modeling
 import preprocess
+import testing_models
 from params import GenerationParams as G
 from test_engine import distinct_images
 
@@ -45,7 +45,7 @@ def test_cuda_graphs_give_transformers_tokens(images, params):
 def test_graphs_equal_eager_on_the_full_architecture_in_fp16():
     if not torch.cuda.is_available():
         pytest.fail("needs CUDA")
-    loaded = modeling.load_model("random-full", torch.device("cuda"), torch.float16)
+    loaded = testing_models.load_model("random-full", torch.device("cuda"), torch.float16)
     px = torch.stack([preprocess.to_uint8(im) for im in distinct_images(3)]).cuda()
     px = preprocess.normalize(px, torch.float16)
     tok = loaded.tokenizer

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 import config
-import engine as engine_mod
+import engines as engine_mod
 import jobs
 import testlib
 

@@ -17,7 +17,7 @@ from moto.server import ThreadedMotoServer
 
 import config
 import deliver
-import engine as engine_mod
+import engines as engine_mod
 import jobs
 import schema
 import testlib

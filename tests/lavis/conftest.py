@@ -2,7 +2,7 @@
 pytest.ini keeps the main suite (`make test-main`, other venv) from collecting this folder."""
 import pytest
 
-import engine
+import engines
 from lavis_testlib import tiny_cfg
 
 
@@ -16,4 +16,4 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def lavis_engine():
     """The tiny LAVIS model through the worker's own entry point (load + warm-up)."""
-    return engine.load_engine(tiny_cfg())
+    return engines.load_engine(tiny_cfg())

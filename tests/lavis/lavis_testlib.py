@@ -12,7 +12,7 @@ import torch
 
 import testlib
 from config import Config
-from engine_lavis import LavisEngine
+from engines.lavis_engine import LavisEngine
 
 
 def tiny_cfg(**env: str) -> Config:

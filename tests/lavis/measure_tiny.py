@@ -24,7 +24,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
 import torch  # noqa: E402
 
-import engine  # noqa: E402
+import engines  # noqa: E402
 import testlib  # noqa: E402
 from config import Config  # noqa: E402
 from params import GenerationParams  # noqa: E402
@@ -35,12 +35,12 @@ SETTINGS = {"greedy": GenerationParams(num_beams=1, max_length=20, min_length=5)
             "beams3": GenerationParams(num_beams=3, max_length=20, min_length=5)}
 
 
-def load(env: dict[str, str]) -> engine.BaseEngine:
+def load(env: dict[str, str]) -> engines.BaseEngine:
     """The engine without warm-up; its ``load_s`` excludes the one-off library imports."""
-    return engine.load_engine(Config.from_env({**os.environ, **env, "BLIP_WARMUP": "false"}))
+    return engines.load_engine(Config.from_env({**os.environ, **env, "BLIP_WARMUP": "false"}))
 
 
-def measure(name: str, eng: engine.BaseEngine, loads: dict[str, float]) -> None:
+def measure(name: str, eng: engines.BaseEngine, loads: dict[str, float]) -> None:
     print(json.dumps({"engine": name, "threads": torch.get_num_threads(),
                       **{k: round(v, 3) for k, v in loads.items()}}))
     images = [testlib.picture(seed, (640, 480)) for seed in range(IMAGES)]
@@ -65,7 +65,7 @@ def main() -> None:
         measure(name, eng, {"load_s": eng.load_s})
         return
     with tempfile.TemporaryDirectory() as cold:
-        os.environ["XDG_CACHE_HOME"] = cold  # lavis_tiny builds its artifacts there
+        os.environ["XDG_CACHE_HOME"] = cold  # testing_models builds its artifacts there
         cold_s = load(base).load_s
         eng = load(base)
         measure(name, eng, {"load_cold_s": cold_s, "load_warm_s": eng.load_s})

@@ -7,15 +7,15 @@ import socket
 import pytest
 import torch
 
-import lavis_tiny
 import preprocess
-from engine_lavis import LavisEngine, clean, generate_kwargs, group_by_prompt
+import testing_models
+from engines.lavis_engine import LavisEngine, clean, generate_kwargs, group_by_prompt
 from lavis_testlib import GenerateRecorder, captions, pictures, sharing, tiny_cfg
 from params import DEFAULT_PROMPT, GenerationParams
 
 GREEDY = GenerationParams(num_beams=1, max_length=20, min_length=5)
 BEAMS3 = GenerationParams(num_beams=3, max_length=20, min_length=5)
-CAPTION_CHARS = set(lavis_tiny.CAPTION_CHARS)
+CAPTION_CHARS = set(testing_models.CAPTION_CHARS)
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -27,7 +27,7 @@ def test_tiny_lavis_builds_offline_from_scratch(tmp_path, monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
     eng = LavisEngine.load(tiny_cfg())
-    art = lavis_tiny.TinyArtifacts(lavis_tiny.cache_root())
+    art = testing_models.TinyArtifacts(testing_models.cache_root())
     assert art.root.is_relative_to(tmp_path) and art.complete() and art.checkpoint.is_file()
     from lavis.models.blip2_models.blip2_opt import Blip2OPT
     from lavis.models.eva_vit import VisionTransformer

@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import engine_lavis
-from engine_lavis import (CAPTION_CHECKPOINT_URL, EVA_VIT_G_URL, HFFile, LavisEngine, cache_layout,
-                          hf_files, lavis_checkpoint_paths, missing_files, prefetch,
-                          trusted_checkpoint_loads)
+from engines import lavis_checkpoints, lavis_engine
+from engines.lavis_checkpoints import (CAPTION_CHECKPOINT_URL, EVA_VIT_G_URL, HFFile, cache_layout,
+                                       hf_files, lavis_checkpoint_paths, missing_files, prefetch,
+                                       trusted_checkpoint_loads)
+from engines.lavis_engine import LavisEngine
 from lavis_testlib import pictures, tiny_cfg
-from modeling import ModelLoadError
+from errors import ModelLoadError
 from params import GenerationParams
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # --- transformers 4.25.1 and the KV cache -----------------------------------------------------
 def test_transformers_is_pinned_to_the_release_lavis_works_with():
     import transformers
-    assert transformers.__version__ == engine_lavis.PINNED_TRANSFORMERS == "4.25.1"
+    assert transformers.__version__ == lavis_engine.PINNED_TRANSFORMERS == "4.25.1"
     pins = (ROOT / "requirements-lavis.txt").read_text().split()
     assert "transformers==4.25.1" in pins
 
@@ -113,7 +114,7 @@ def test_checkpoint_urls_are_lavis_own():
     yaml = OmegaConf.load(Blip2OPT.default_config_path("caption_coco_opt2.7b"))
     assert yaml.model.finetuned == CAPTION_CHECKPOINT_URL and yaml.model.load_finetuned
     assert f'"{EVA_VIT_G_URL}"' in inspect.getsource(create_eva_vit_g)
-    assert yaml.model.opt_model == engine_lavis.OPT_REPO
+    assert yaml.model.opt_model == lavis_checkpoints.OPT_REPO
 
 
 def test_cache_dir_layout_is_what_the_worker_reads_with_its_env(tmp_path):
@@ -123,7 +124,7 @@ def test_cache_dir_layout_is_what_the_worker_reads_with_its_env(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if k not in ("TORCH_HOME", "HF_HOME", "TRANSFORMERS_CACHE", "HUGGINGFACE_HUB_CACHE",
                         "PYTORCH_TRANSFORMERS_CACHE", "PYTORCH_PRETRAINED_BERT_CACHE")}
-    code = ("import engine_lavis as e; l = e.cache_layout(); "
+    code = ("import engines.lavis_checkpoints as e; l = e.cache_layout(); "
             "print(l.torch_checkpoints); print(l.hf_cache)")
     out = subprocess.run([sys.executable, "-c", code], env={**env, **layout.env}, check=True,
                          cwd=ROOT / "src", capture_output=True, text=True).stdout.split()

@@ -1,12 +1,12 @@
 """Benchmark: prints one JSON object per measurement (JSON lines) on stdout.
 
-    python src/bench.py --model tiny-random --mode engine --batch-sizes 1,8,32
-    python src/bench.py --model random-full --mode engine --batch-sizes 1,4,16,64,256 \\
+    python scripts/bench.py --model tiny-random --mode engine --batch-sizes 1,8,32
+    python scripts/bench.py --model random-full --mode engine --batch-sizes 1,4,16,64,256 \\
         --num-beams 3 --new-tokens 12 --decoders fast,hf --compare-naive
-    python src/bench.py --model random-full --mode job --images 512
-    python src/bench.py --model random-full --mode concurrent --images 64
-    python src/bench.py --model tiny-random --mode pipeline --images 256 --image-size 640x480
-    python src/bench.py --model tiny-random --mode api --images 32
+    python scripts/bench.py --model random-full --mode job --images 512
+    python scripts/bench.py --model random-full --mode concurrent --images 64
+    python scripts/bench.py --model tiny-random --mode pipeline --images 256 --image-size 640x480
+    python scripts/bench.py --model tiny-random --mode api --images 32
 
 Modes:
 - ``engine``: one ``generate`` call per batch size on preprocessed images; images/s and batch
@@ -29,7 +29,7 @@ Modes:
 - ``load``: model load and warm-up time.
 
 Worker settings in the environment apply to every mode, as to the worker (e.g.
-``BLIP_CUDA_GRAPHS=0 python src/bench.py ...``), and each row lists them under ``settings``.
+``BLIP_CUDA_GRAPHS=0 python scripts/bench.py ...``), and each row lists them under ``settings``.
 
 Random weights never stop early, so ``--new-tokens K`` forces exactly K new tokens
 (min_length = max_length = K): every variant does the same work as the real checkpoint
@@ -51,13 +51,14 @@ import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+sys.path.insert(0, SRC)
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import config  # noqa: E402
-import engine as engine_mod  # noqa: E402
+import engines as engine_mod  # noqa: E402
 from params import DEFAULT_PROMPT, GenerationParams  # noqa: E402
 
 
@@ -268,7 +269,7 @@ def mode_job(args, report: Report) -> None:
         for staging in args.staging if eng.device.type == "cuda" else ["none (no GPU)"]:
             # pinned: each image preprocessed into pinned memory and copied to the GPU on its
             # own (the worker's default on CUDA); host: the batch stacked and pinned on the
-            # host by the GPU thread (the worker before commit cab8d32)
+            # host by the GPU thread (how the worker staged batches before pinned staging)
             eng.device_collate = staging == "pinned" and eng.device.type == "cuda"
             pixels = [eng.preprocess(decode(jpegs[i % len(jpegs)])) for i in range(args.images)]
             b = _batcher(args, eng)
@@ -386,7 +387,7 @@ def mode_pipeline(args, report: Report) -> None:
     eng = engine_mod.load_engine(cfg, decode_options(args, cfg))
     worker = jobs.Worker(cfg, eng)
     jpegs = synthetic_jpegs(args.images, args.image_size)
-    threads = worker.decode_pool._max_workers
+    threads = cfg.decode_threads  # the worker's decode pool has this many threads
     job = {"data_url": zip_data_uri(jpegs), "num_beams": params.num_beams,
            "max_length": params.max_length, "min_length": params.min_length}
     try:
@@ -443,9 +444,8 @@ def mode_api(args, report: Report) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, BLIP_MODEL=args.model)
-    proc = subprocess.Popen([sys.executable, os.path.join(here, "handler.py"), "--rp_serve_api",
+    proc = subprocess.Popen([sys.executable, os.path.join(SRC, "handler.py"), "--rp_serve_api",
                              "--rp_api_port", str(port)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/runsync"
