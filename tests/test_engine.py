@@ -1,4 +1,6 @@
 """The transformers caption engine on the tiny random BLIP-2 (CPU, fp32)."""
+import logging
+
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -85,7 +87,12 @@ def test_lavis_engine_outside_its_environment_says_where_to_run_it(monkeypatch, 
     for name, value in {"BLIP_ENGINE": "lavis", "BLIP_MODEL": "tiny-random",
                         "RUNPOD_LOG_LEVEL": "INFO"}.items():
         monkeypatch.setenv(name, value)
-    assert handler.main() == 1  # exits before taking jobs, without a traceback
+    blip = logging.getLogger("blip")  # main() routes it through runpod's logger (stdout)
+    saved = blip.handlers[:], blip.level, blip.propagate
+    try:
+        assert handler.main() == 1  # exits before taking jobs, without a traceback
+    finally:  # later tests (the benchmark's JSON on stdout) must not see runpod's log lines
+        blip.handlers[:], blip.level, blip.propagate = saved
     err = capsys.readouterr().err
     assert "BLIP_ENGINE=lavis" in err and "make venv-lavis" in err and "Traceback" not in err
 
