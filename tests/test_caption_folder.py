@@ -14,10 +14,10 @@ import jobs
 import schema
 from support import web
 from support import images as pics
+from support.worker import FAST as API_FAST
 from support.worker import REPO, worker_env
 
 FLAGS = ["--num-beams", "2", "--max-length", "8", "--min-length", "2"]
-API_FAST = {"num_beams": 2, "max_length": 8, "min_length": 2}
 
 
 @pytest.fixture(scope="module")

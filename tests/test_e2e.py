@@ -8,8 +8,8 @@ import pytest
 
 from support import web
 from support import images as pics
-from support.worker import REPO, ApiServer, run_handler, worker_env
-from test_jobs import FAST, five_member_zip
+from support.worker import FAST, REPO, ApiServer, run_handler, worker_env
+from support.zips import five_member_zip
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import generation
 import modeling
 import preprocess
 from params import GenerationParams as G
-from test_engine import distinct_images
+from support.images import distinct_images
 
 pytestmark = pytest.mark.gpu
 

@@ -9,7 +9,7 @@ import config
 import handler
 from support import web
 from support import images as pics
-from test_jobs import FAST
+from support.worker import FAST
 
 
 @pytest.fixture(scope="module")

@@ -32,10 +32,9 @@ import handler
 import schema
 from support import checks, load, web
 from support import images as pics
-from support.worker import REPO, ApiServer, api_output, proc_figures
+from support.worker import FAST, REPO, ApiServer, api_output, proc_figures
 from support.zips import (JUNK_NAMES, ZIP_SLIP_NAMES, make_zip, many_members_zip, patch_entry,
                           symlink_entry, truncated, zip_bomb)
-from test_jobs import FAST
 
 MiB = 1 << 20
 DEADLINE_S = 2

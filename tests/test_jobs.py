@@ -11,9 +11,8 @@ import engine as engine_mod
 import jobs
 from support import web
 from support import images as pics
-from support.zips import corrupt_entry, make_zip, many_members_zip, zip_bomb
-
-FAST = {"num_beams": 2, "max_length": 8, "min_length": 2}
+from support.worker import FAST
+from support.zips import five_member_zip, make_zip, many_members_zip, zip_bomb
 
 
 def make_worker(tmp_path, **env):
@@ -28,19 +27,6 @@ def worker(tmp_path_factory):
     w = make_worker(tmp_path_factory.mktemp("jobs"))
     yield w
     w.close()
-
-
-def five_member_zip():
-    """Nested folder, one corrupt member, one .txt: 4 captions + 1 error + 1 skipped."""
-    data = make_zip([
-        ("b/second.png", pics.png(seed=2)),
-        ("a/first.jpg", pics.jpeg(seed=1)),
-        ("a/deeper/third.webp", pics.image_bytes("WEBP", seed=3)),
-        ("c/broken.jpg", pics.jpeg(seed=4, size=(256, 192))),
-        ("readme.txt", b"not an image"),
-        ("z/fourth.gif", pics.image_bytes("GIF", seed=5)),
-    ])
-    return corrupt_entry(data, "c/broken.jpg")
 
 
 def test_zip_with_nested_folder_corrupt_member_and_text_file(worker, http_server):

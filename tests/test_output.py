@@ -22,9 +22,8 @@ import jobs
 import schema
 from support import web
 from support import images as pics
-from support.worker import ApiServer, free_port
+from support.worker import FAST, ApiServer, free_port
 from support.zips import corrupt_entry, make_zip
-from test_jobs import FAST
 
 SECRET = "test-secret-key-never-shown"
 

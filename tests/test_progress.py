@@ -12,8 +12,7 @@ import pytest
 
 from support import web
 from support import images as pics
-from support.worker import ApiServer
-from test_jobs import FAST
+from support.worker import FAST, ApiServer
 
 IMAGES = 6
 BATCH = 2  # the job's batch_size: 3 batches or more, so the job is over one batch

@@ -20,13 +20,12 @@ import runpod
 from support import web
 from support import images as pics
 from support.runpod_sim import RunPodSim, WorkerProcess
-from support.worker import REPO
+from support.worker import FAST, REPO
 from support.zips import make_zip
 
 CONCURRENT = 4
 BATCH = 2
 POISON = "POISON"
-FAST = {"num_beams": 2, "max_length": 8, "min_length": 2}
 # 0.1-0.3 s per batch of 2 on these CPUs: a job of a few batches is observable while it runs
 SLOW = {"num_beams": 3, "max_length": 30, "min_length": 30}
 # about 0.35 s per batch: far longer than a cancel takes to reach the worker (tens of ms)

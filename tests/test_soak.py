@@ -31,8 +31,7 @@ import time
 import pytest
 
 from support import load
-from support.worker import ApiServer, api_output, proc_figures
-from test_jobs import FAST
+from support.worker import FAST, ApiServer, api_output, proc_figures
 
 pytestmark = pytest.mark.soak
 

@@ -4,7 +4,8 @@
 shapes and stripes all depend on it), so captioning tests get distinct captions;
 ``image_bytes(fmt, seed, size, mode)`` encodes one; the special cases (CMYK, 16-bit, palette
 with transparency, EXIF rotation, animation, pixel-bomb header, truncation, photo-like) have
-their own factories.
+their own factories. ``distinct_images(n)``: the set the engine, batcher and decoder tests share
+(PIL images of distinct colours, shapes and sizes).
 """
 from __future__ import annotations
 
@@ -149,3 +150,16 @@ def upright(data: bytes) -> bytes:
     """The image as a viewer shows it (EXIF orientation applied), as a lossless PNG."""
     from PIL import ImageOps
     return encode(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"), "PNG")
+
+
+def distinct_images(n):
+    """Different colours, shapes and sizes: a tiny model must tell them apart."""
+    out = []
+    for i in range(n):
+        im = Image.new("RGB", (320 + 8 * i, 240), ((37 * i) % 256, (91 * i + 50) % 256,
+                                                  (173 * i + 20) % 256))
+        d = ImageDraw.Draw(im)
+        d.ellipse((20 * i % 200, 10, 20 * i % 200 + 80, 120), fill=(255 - (37 * i) % 256, 200, 30))
+        d.rectangle((0, 200 - 10 * i, 320, 240), fill=(10 * i, 0, 255 - 10 * i))
+        out.append(im)
+    return out

@@ -1,6 +1,7 @@
 """The worker as a process: ``python src/handler.py`` run once (``run_handler``) or serving
 runpod's local API (``ApiServer``, its answers in ``Worker.run``'s shape by ``api_output``), the
-environment it gets (``worker_env``), and its figures (``proc_figures``).
+environment it gets (``worker_env``), and its figures (``proc_figures``). ``FAST``: the generation
+settings that keep a tiny-model job short.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from support.web import PRIVATE_ENV, PROXY_ENVS
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 HANDLER = REPO / "src" / "handler.py"
+
+FAST = {"num_beams": 2, "max_length": 8, "min_length": 2}
 
 
 def free_port() -> int:

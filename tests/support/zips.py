@@ -4,7 +4,8 @@ encryption flag).
 ``make_zip(entries)`` with entries ``(name or ZipInfo, bytes)``; ``symlink_entry``,
 ``patch_entry`` (flags, sizes, CRC in the central directory and local header), ``corrupt_entry``
 (damage compressed data), ``zip_bomb``, ``many_members_zip``, ``truncated``; name lists
-``JUNK_NAMES`` and ``ZIP_SLIP_NAMES``.
+``JUNK_NAMES`` and ``ZIP_SLIP_NAMES``. ``five_member_zip()``: the zip the job tests share
+(4 captions, 1 error, 1 skipped).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import stat
 import struct
 import zipfile
 from typing import Iterable, Iterator
+
+from support import images as pics
 
 
 JUNK_NAMES = ("__MACOSX/._a.jpg", ".DS_Store", "dir/.hidden.jpg", ".git/config", "notes.txt")
@@ -106,3 +109,16 @@ def many_members_zip(count: int, data: bytes = b"x") -> bytes:
 
 def truncated(data: bytes, keep: float = 0.5) -> bytes:
     return data[: int(len(data) * keep)]
+
+
+def five_member_zip():
+    """Nested folder, one corrupt member, one .txt: 4 captions + 1 error + 1 skipped."""
+    data = make_zip([
+        ("b/second.png", pics.png(seed=2)),
+        ("a/first.jpg", pics.jpeg(seed=1)),
+        ("a/deeper/third.webp", pics.image_bytes("WEBP", seed=3)),
+        ("c/broken.jpg", pics.jpeg(seed=4, size=(256, 192))),
+        ("readme.txt", b"not an image"),
+        ("z/fourth.gif", pics.image_bytes("GIF", seed=5)),
+    ])
+    return corrupt_entry(data, "c/broken.jpg")
