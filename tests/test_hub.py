@@ -9,7 +9,7 @@ import pytest
 
 import config
 import schema
-import test_dockerfile
+from support.dockerfile import CUDA_FLAVORS, default_cuda_flavor, runs_on
 from support.worker import REPO
 
 HUB = json.loads((REPO / ".runpod" / "hub.json").read_text())
@@ -123,11 +123,11 @@ def test_hub_tests_run_on_a_supported_gpu_with_the_sample_input():
 def test_hub_gpus_have_kernels_in_the_default_images_torch():
     """Every GPU the Hub may pick (its pools, the test GPU) is one the default CUDA flavour's
     torch is built for: cu126 stops at Hopper (sm_90), so a Blackwell pool would need cu130."""
-    flavor = test_dockerfile.default_cuda_flavor(REPO)
-    assert flavor in test_dockerfile.CUDA_FLAVORS, flavor
+    flavor = default_cuda_flavor(REPO)
+    assert flavor in CUDA_FLAVORS, flavor
     pools = HUB["config"]["gpuIds"].split(",")
     assert set(pools) <= set(POOL_CAPABILITIES), pools
     unserved = {p: sorted(c for c in POOL_CAPABILITIES[p]
-                          if not test_dockerfile.runs_on(flavor, c)) for p in pools}
+                          if not runs_on(flavor, c)) for p in pools}
     assert not any(unserved.values()), (flavor, unserved)
-    assert test_dockerfile.runs_on(flavor, GPUS_16GB_UP[TESTS["config"]["gpuTypeId"]])
+    assert runs_on(flavor, GPUS_16GB_UP[TESTS["config"]["gpuTypeId"]])
