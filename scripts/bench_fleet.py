@@ -5,7 +5,7 @@
 
 Rows (``mode``):
 - ``prepare``: the client's inline stage in-process, no endpoint: for synthetic camera-like
-  JPEGs (``testlib.photo``, quality 95) of 640x480 and 4000x3000, the bytes per image raw
+  JPEGs (``support.images.photo``, quality 95) of 640x480 and 4000x3000, the bytes per image raw
   against pre-resized (the worker's decode + ``preprocess.resize`` to 364 px + lossless WebP),
   the pre-resize rate on ``--threads`` threads (images/s, wall) and its CPU ms per image, and
   ``prepare_file`` as shipped (it sends the smaller of raw and pre-resized): CPU ms and bytes
@@ -42,8 +42,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "src"), str(REPO / "tests")]
 
 import config  # noqa: E402
-import testlib  # noqa: E402
 from dataset_client import packing, work  # noqa: E402
+from support import web  # noqa: E402
+from support import images as pics  # noqa: E402
 from support.runpod_sim import RunPodSim, WorkerProcess  # noqa: E402
 
 CAPTION = ["--num-beams", "1", "--max-length", "5"]
@@ -68,7 +69,7 @@ class Report:
 
 
 def jpegs(size: tuple[int, int], count: int, distinct: int = 4) -> list[bytes]:
-    made = [testlib.encode(testlib.photo(size, seed=s), "JPEG", quality=95)
+    made = [pics.encode(pics.photo(size, seed=s), "JPEG", quality=95)
             for s in range(min(count, distinct))]
     return [made[i % len(made)] for i in range(count)]
 
@@ -110,7 +111,7 @@ def bench_prepare(report: Report, threads: int, tmp: Path) -> None:
 
 def run_client(sim: RunPodSim, sources: list[str], out: Path, *flags: str) -> dict:
     stats = out.with_suffix(".stats.json")
-    env = {k: v for k, v in os.environ.items() if k not in testlib.PROXY_ENVS}
+    env = {k: v for k, v in os.environ.items() if k not in web.PROXY_ENVS}
     env.update(sim.client_env())
     done = subprocess.run([sys.executable, str(REPO / "src" / "caption_dataset.py"), *sources,
                            "--endpoint", sim.endpoint_id, "--out", str(out), "--quiet",
@@ -133,15 +134,15 @@ def emit_fleet(report: Report, workers: int, source: str, stats: dict, **extra) 
 
 
 def bench_fleet(report: Report, args: argparse.Namespace, tmp: Path) -> None:
-    with testlib.LocalServer() as server, RunPodSim() as sim:
-        urls = [server.route(f"/u/{i}.jpg", testlib.body(testlib.jpeg(seed=i), "image/jpeg"))
+    with web.LocalServer() as server, RunPodSim() as sim:
+        urls = [server.route(f"/u/{i}.jpg", web.body(pics.jpeg(seed=i), "image/jpeg"))
                 for i in range(args.images)]
         url_list = tmp / "urls.txt"
         url_list.write_text("\n".join(urls) + "\n")
         small = tmp / "small"
         for i in range(args.images):
             (small / f"{i // 100}").mkdir(parents=True, exist_ok=True)
-            (small / f"{i // 100}" / f"{i:05d}.jpg").write_bytes(testlib.jpeg(seed=i))
+            (small / f"{i // 100}" / f"{i:05d}.jpg").write_bytes(pics.jpeg(seed=i))
         folders = {}
         for size, count in (((640, 480), args.inline_images), ((4000, 3000), 24)):
             folder = folders[size] = tmp / f"jpeg-{size[0]}"

@@ -204,7 +204,7 @@ MODEL_TYPE = "tiny-random"  # the LAVIS model type the tiny yaml is registered u
 REAL_MODEL_TYPE = "caption_coco_opt2.7b"
 BERT_REPO = "bert-base-uncased"
 # Large random weights so that the image moves the logits. Measured on 40 distinct pictures
-# (testlib.picture), greedy and beams 3, prompt "a photo of" and "": seeds 1, 3, 4 and 8 give 40
+# (support.images.picture), greedy and beams 3, prompt "a photo of" and "": seeds 1, 3, 4 and 8 give 40
 # distinct captions in all four cases, most others 36-40, seed 0 only 9-24 (its OPT ignores
 # the image); softer OPT attention (smaller std) makes every seed worse.
 SEED = 4

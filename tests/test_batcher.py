@@ -8,7 +8,7 @@ import config
 import engines as engine_mod
 from batcher import Batcher
 from params import GenerationParams
-from test_engine import distinct_images
+from support.images import distinct_images
 
 GREEDY = GenerationParams(num_beams=1, max_length=12, min_length=3)
 BEAMS = GenerationParams(num_beams=3, max_length=12, min_length=3)

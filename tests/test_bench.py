@@ -64,9 +64,9 @@ def test_cpu_pipeline_bound_script_runs():
     import subprocess
     import sys
 
-    import testlib
+    from support.worker import REPO
     out = subprocess.run([sys.executable, "scripts/cpu_pipeline_bound.py", "--images", "8",
-                          "--rounds", "1"], cwd=testlib.REPO, capture_output=True, text=True,
+                          "--rounds", "1"], cwd=REPO, capture_output=True, text=True,
                          timeout=300, check=True).stdout
     (row,) = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     # the input floor is a part of captioning's work: a model costing only that is faster

@@ -27,13 +27,16 @@ from PIL import Image
 
 import caption_dataset as cd
 import config
-import testlib
 from dataset_client import outcomes, outfiles, packing, sources, work
 from dataset_client.endpoint import retry_after
 from inputs import ImageSource, decode_image
+from support import web
+from support import images as pics
 from support.runpod_sim import RunPodSim, WorkerProcess
+from support.worker import REPO, free_port
+from support.zips import make_zip
 
-CLIENT = testlib.REPO / "src" / "caption_dataset.py"
+CLIENT = REPO / "src" / "caption_dataset.py"
 FAST = ["--num-beams", "1", "--max-length", "5", "--poll-interval", "0.2", "--quiet"]
 SENSITIVE = ["--num-beams", "3", "--num-captions", "3", "--max-length", "20",
              "--poll-interval", "0.2", "--quiet"]
@@ -64,17 +67,17 @@ def assert_exactly_once(recs: list[dict], expected: set[tuple[str, str]]) -> Non
 
 
 def photo_jpeg(size=(1600, 1200), seed=0, **params) -> bytes:
-    return testlib.encode(testlib.photo(size, seed), "JPEG", quality=90, **params)
+    return pics.encode(pics.photo(size, seed), "JPEG", quality=90, **params)
 
 
 def noise_png(size=(900, 700), seed=0) -> bytes:
     """Incompressible: even pre-resized to 364 px it stays ~400 KB."""
     bands = [Image.effect_noise(size, 120 + seed + i) for i in range(3)]
-    return testlib.encode(Image.merge("RGB", bands), "PNG")
+    return pics.encode(Image.merge("RGB", bands), "PNG")
 
 
 def client_env(sim: RunPodSim) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in testlib.PROXY_ENVS}
+    env = {k: v for k, v in os.environ.items() if k not in web.PROXY_ENVS}
     env.update(sim.client_env())
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -90,7 +93,7 @@ def run_main(monkeypatch, capsys, sim: RunPodSim, *argv) -> tuple[int, str, str]
 
 def spawn(sim: RunPodSim, *argv, **env) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(CLIENT), *map(str, argv), "--endpoint",
-                             sim.endpoint_id], cwd=testlib.REPO,
+                             sim.endpoint_id], cwd=REPO,
                             env={**client_env(sim), **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -255,17 +258,17 @@ def test_url_lists(tmp_path):
 def kinds_of_images() -> dict[str, bytes]:
     """The five kinds the pre-resize guarantee is checked on, each large enough to be
     pre-resized (over RAW_FLOOR, and larger than its 364 px lossless copy)."""
-    photo = testlib.photo((1200, 900), seed=4)
+    photo = pics.photo((1200, 900), seed=4)
     dithered = photo.convert("P", palette=Image.Palette.ADAPTIVE, colors=256,
                              dither=Image.Dither.FLOYDSTEINBERG)
     exif = Image.Exif()
     exif[0x0112] = 6
     return {"photo.jpg": photo_jpeg(seed=1),
-            "photo.png": testlib.encode(testlib.photo((700, 500), seed=2), "PNG"),
-            "rotated.jpg": testlib.encode(testlib.photo((1600, 900), seed=3), "JPEG",
-                                          quality=90, exif=exif),
-            "cmyk.jpg": testlib.encode(photo.convert("CMYK"), "JPEG", quality=90),
-            "palette.png": testlib.encode(dithered, "PNG", transparency=0)}
+            "photo.png": pics.encode(pics.photo((700, 500), seed=2), "PNG"),
+            "rotated.jpg": pics.encode(pics.photo((1600, 900), seed=3), "JPEG",
+                                       quality=90, exif=exif),
+            "cmyk.jpg": pics.encode(photo.convert("CMYK"), "JPEG", quality=90),
+            "palette.png": pics.encode(dithered, "PNG", transparency=0)}
 
 
 def worker_pixels(data: bytes, cfg) -> np.ndarray:
@@ -286,14 +289,14 @@ def test_preresized_files_give_the_worker_exactly_the_same_pixels():
 def test_the_client_imports_no_torch_unless_pre_resizing():
     code = ("import sys; import caption_dataset; assert 'torch' not in sys.modules, 'torch'; "
             "import preprocess; assert 'torch' in sys.modules")
-    done = subprocess.run([sys.executable, "-c", code], cwd=testlib.REPO / "src",
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO / "src",
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_bad_flags_and_sources_exit_2_naming_them(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RUNPOD_API_KEY", "k")
-    monkeypatch.setenv("RUNPOD_ENDPOINT_BASE_URL", f"http://127.0.0.1:{testlib.free_port()}/v2")
+    monkeypatch.setenv("RUNPOD_ENDPOINT_BASE_URL", f"http://127.0.0.1:{free_port()}/v2")
     (tmp_path / "imgs").mkdir()
     (tmp_path / "elsewhere").mkdir()
     out = str(tmp_path / "o.jsonl")
@@ -330,7 +333,7 @@ def test_bad_flags_and_sources_exit_2_naming_them(tmp_path, monkeypatch, capsys)
 def fleet(tmp_path_factory):
     logs = tmp_path_factory.mktemp("workers")
     with RunPodSim() as sim:
-        workers = [WorkerProcess(sim, name, testlib.REPO, logs / f"{name}.log",
+        workers = [WorkerProcess(sim, name, REPO, logs / f"{name}.log",
                                  MAX_CONCURRENT_JOBS="4", BLIP_DTYPE="float32")
                    for name in ("w1", "w2")]
         try:
@@ -363,11 +366,11 @@ def mixed_folder(root: Path, n: int) -> tuple[set, set]:
         fmt, ext = formats[i % len(formats)]
         rel = f"sub{i % 3}/img{i:03d}{ext}"
         if i % 15 == 7:
-            data = [testlib.truncated_jpeg(seed=i), b"not an image at all", b""][i // 15 % 3]
+            data = [pics.truncated_jpeg(seed=i), b"not an image at all", b""][i // 15 % 3]
             rel = f"sub{i % 3}/broken{i:03d}.jpg"
             broken.add(rel)
         else:
-            data = testlib.image_bytes(fmt, seed=i, size=(48 + i % 17, 40))
+            data = pics.image_bytes(fmt, seed=i, size=(48 + i % 17, 40))
             good.add(rel)
         write(root / rel, data)
     return good, broken
@@ -414,16 +417,16 @@ def test_inline_jobs_are_packed_under_the_body_limit(sim, tmp_path, monkeypatch,
     jobs = new_jobs(sim, before)
     sizes = [j.body_bytes for j in jobs]
     assert max(sizes) <= limit and sum(sizes) == stats["body_bytes"]  # measured, not guessed
-    entry = max(len(testlib.data_uri(photo_jpeg((640, 480), seed=i))) for i in range(14))
+    entry = max(len(web.data_uri(photo_jpeg((640, 480), seed=i))) for i in range(14))
     assert sum(s <= limit - entry - 2 for s in sizes) <= 1, sizes  # cut only when full
     assert sum(len(j.input["data_urls"]) for j in jobs) == 14
 
 
 def test_every_format_is_read_back_by_its_tool(sim, tmp_path, monkeypatch, capsys):
     import datasets
-    images = {"a.jpg": testlib.jpeg(seed=1), "a.png": testlib.png(seed=2),
-              "sub/b.webp": testlib.image_bytes("WEBP", seed=3),
-              "sub/deeper/c.JPEG": testlib.jpeg(seed=4), "broken.jpg": testlib.truncated_jpeg(5)}
+    images = {"a.jpg": pics.jpeg(seed=1), "a.png": pics.png(seed=2),
+              "sub/b.webp": pics.image_bytes("WEBP", seed=3),
+              "sub/deeper/c.JPEG": pics.jpeg(seed=4), "broken.jpg": pics.truncated_jpeg(5)}
     folders = {}
     for fmt in outfiles.FORMATS:
         folders[fmt] = tmp_path / fmt
@@ -483,7 +486,7 @@ def test_preresized_images_get_the_captions_of_the_originals(sim, tmp_path, monk
     cfg = config.Config.from_env({})
     img = decode_image(ImageSource((0, 0), "x", lambda: io.BytesIO(kinds["photo.jpg"])), cfg)
     write(root / "control.png",
-          testlib.encode(img.resize((IMAGE_SIZE,) * 2, Image.Resampling.BILINEAR), "PNG"))
+          pics.encode(img.resize((IMAGE_SIZE,) * 2, Image.Resampling.BILINEAR), "PNG"))
     got = {}
     for mode in ("--preresize", "--no-preresize"):
         out, stats = tmp_path / f"{mode}.jsonl", tmp_path / f"{mode}.json"
@@ -500,7 +503,7 @@ def test_preresized_images_get_the_captions_of_the_originals(sim, tmp_path, monk
 
 
 def test_url_list_with_404s(sim, http_server, tmp_path, monkeypatch, capsys):
-    urls = [http_server.route(f"/img/{i}.jpg", testlib.body(testlib.jpeg(seed=i), "image/jpeg"))
+    urls = [http_server.route(f"/img/{i}.jpg", web.body(pics.jpeg(seed=i), "image/jpeg"))
             for i in range(12)]
     missing = [http_server.url(f"/gone/{i}.jpg") for i in range(3)]
     listed = urls[:6] + missing + urls[6:] + ["ftp://example.com/x.jpg", urls[0]]
@@ -521,10 +524,10 @@ def test_url_list_with_404s(sim, http_server, tmp_path, monkeypatch, capsys):
 
 def test_zip_url_source_members_become_lines_and_resume(sim, http_server, tmp_path,
                                                         monkeypatch, capsys):
-    data = testlib.make_zip([("a.jpg", testlib.jpeg(seed=1)), ("in/b.png", testlib.png(seed=2)),
-                             ("broken.jpg", testlib.truncated_jpeg(seed=3)),
-                             ("notes.txt", b"side file")])
-    url = http_server.route("/photos.zip", testlib.body(data, "application/zip"))
+    data = make_zip([("a.jpg", pics.jpeg(seed=1)), ("in/b.png", pics.png(seed=2)),
+                     ("broken.jpg", pics.truncated_jpeg(seed=3)),
+                     ("notes.txt", b"side file")])
+    url = http_server.route("/photos.zip", web.body(data, "application/zip"))
     out = tmp_path / "o.jsonl"
     code, _, _ = run_main(monkeypatch, capsys, sim, url, "--out", out, *FAST)
     assert code == 1
@@ -557,9 +560,9 @@ def test_s3_source(sim, s3_bucket, tmp_path, monkeypatch, capsys):
     endpoint, client = s3_bucket
     keys = [f"set/{i}.jpg" for i in range(5)] + ["set/deep/x.png"]
     for i, key in enumerate(keys):
-        client.put_object(Bucket="photos", Key=key, Body=testlib.jpeg(seed=40 + i))
-    for key, body in (("set/readme.md", b"#"), ("set/.hidden.jpg", testlib.jpeg(seed=9)),
-                      ("other/y.jpg", testlib.jpeg(seed=8))):
+        client.put_object(Bucket="photos", Key=key, Body=pics.jpeg(seed=40 + i))
+    for key, body in (("set/readme.md", b"#"), ("set/.hidden.jpg", pics.jpeg(seed=9)),
+                      ("other/y.jpg", pics.jpeg(seed=8))):
         client.put_object(Bucket="photos", Key=key, Body=body)
     monkeypatch.setenv("BUCKET_ENDPOINT_URL", endpoint)
     monkeypatch.setenv("BUCKET_ACCESS_KEY_ID", "id")
@@ -578,7 +581,7 @@ def test_s3_source(sim, s3_bucket, tmp_path, monkeypatch, capsys):
 
 
 def test_429_storms(sim, http_server, tmp_path, monkeypatch, capsys):
-    urls = [http_server.route(f"/s/{i}.png", testlib.body(testlib.png(seed=i), "image/png"))
+    urls = [http_server.route(f"/s/{i}.png", web.body(pics.png(seed=i), "image/png"))
             for i in range(30)]
     (tmp_path / "urls.jsonl").write_text("".join(json.dumps({"url": u}) + "\n" for u in urls))
     before429 = sim.counts["429"]
@@ -628,7 +631,7 @@ def test_client_killed_mid_run_then_rerun_loses_and_duplicates_nothing(sim, tmp_
 def test_ctrl_c_cancels_jobs_in_flight_writes_what_finished_and_exits_130(sim, tmp_path):
     root = tmp_path / "ds"
     for i in range(30):
-        write(root / f"{i:02d}.png", testlib.png(seed=100 + i))
+        write(root / f"{i:02d}.png", pics.png(seed=100 + i))
     out = tmp_path / "o.jsonl"
     args = [root, "--out", out, "--images-per-job", "2", "--max-in-flight", "3", *FAST]
     before = {j.id for j in sim.jobs()}
@@ -662,7 +665,7 @@ def test_lost_jobs_are_resubmitted(sim, fleet, tmp_path, monkeypatch, capsys):
     """TIMED_OUT on the endpoint, and a result gone before it was read (404)."""
     root = tmp_path / "ds"
     for i in range(4):
-        write(root / f"{i}.jpg", testlib.jpeg(seed=200 + i))
+        write(root / f"{i}.jpg", pics.jpeg(seed=200 + i))
     before = {j.id for j in sim.jobs()}
     sim.pause_takes(True)  # both jobs wait in the queue until they are ended below
     box = {}
@@ -699,7 +702,7 @@ def test_a_worker_killed_mid_run_its_jobs_are_resubmitted(sim, fleet, tmp_path, 
     victim = workers[1]
     root = tmp_path / "ds"
     for i in range(48):
-        write(root / f"{i:02d}.jpg", testlib.jpeg(seed=300 + i, size=(96, 72)))
+        write(root / f"{i:02d}.jpg", pics.jpeg(seed=300 + i, size=(96, 72)))
     before = {j.id for j in sim.jobs()}
     box = {}
     for name, value in sim.client_env().items():
@@ -731,7 +734,7 @@ def test_a_worker_killed_mid_run_its_jobs_are_resubmitted(sim, fleet, tmp_path, 
 
 
 def test_a_wrong_key_or_endpoint_stops_the_run_with_exit_2(sim, tmp_path, monkeypatch, capsys):
-    write(tmp_path / "ds" / "a.jpg", testlib.jpeg(seed=1))
+    write(tmp_path / "ds" / "a.jpg", pics.jpeg(seed=1))
     out = tmp_path / "o.jsonl"
     monkeypatch.setenv("RUNPOD_ENDPOINT_BASE_URL", sim.base_url)
     monkeypatch.setenv("RUNPOD_API_KEY", "wrong-key-123")

@@ -12,10 +12,12 @@ import config
 import engines as engine_mod
 import jobs
 import schema
-import testlib
+from support import web
+from support import images as pics
+from support.worker import FAST as API_FAST
+from support.worker import REPO, worker_env
 
 FLAGS = ["--num-beams", "2", "--max-length", "8", "--min-length", "2"]
-API_FAST = {"num_beams": 2, "max_length": 8, "min_length": 2}
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +37,15 @@ def folder(tmp_path):
     """Nested folders, a stem collision, hidden and junk entries, two bad images, a text file."""
     root = tmp_path / "dataset"
     images = {
-        "a.jpg": write(root / "a.jpg", testlib.jpeg(seed=1)),
-        "a.png": write(root / "a.png", testlib.png(seed=2)),
-        "sub/b.webp": write(root / "sub" / "b.webp", testlib.image_bytes("WEBP", seed=3)),
-        "sub/deeper/c.JPEG": write(root / "sub" / "deeper" / "c.JPEG", testlib.jpeg(seed=4)),
+        "a.jpg": write(root / "a.jpg", pics.jpeg(seed=1)),
+        "a.png": write(root / "a.png", pics.png(seed=2)),
+        "sub/b.webp": write(root / "sub" / "b.webp", pics.image_bytes("WEBP", seed=3)),
+        "sub/deeper/c.JPEG": write(root / "sub" / "deeper" / "c.JPEG", pics.jpeg(seed=4)),
     }
-    write(root / "sub" / "truncated.jpg", testlib.truncated_jpeg(seed=5))
+    write(root / "sub" / "truncated.jpg", pics.truncated_jpeg(seed=5))
     write(root / "sub" / "text.jpg", b"this is not a picture")
-    write(root / ".cache" / "hidden.jpg", testlib.jpeg(seed=6))
-    write(root / ".hidden.jpg", testlib.jpeg(seed=7))
+    write(root / ".cache" / "hidden.jpg", pics.jpeg(seed=6))
+    write(root / ".hidden.jpg", pics.jpeg(seed=7))
     write(root / "__MACOSX" / "._a.jpg", b"resource fork")
     write(root / "notes.txt", b"keep me")
     return root, images
@@ -78,7 +80,7 @@ def test_same_captions_as_the_api_for_the_same_images_and_flags(eng, capsys, fol
     cfg = config.Config.from_env({"BLIP_MODEL": "tiny-random", "WORK_DIR": str(tmp_path)})
     worker = jobs.Worker(cfg, eng)
     try:
-        api = worker.run({"data_urls": [testlib.data_uri(b) for b in images.values()],
+        api = worker.run({"data_urls": [web.data_uri(b) for b in images.values()],
                           "num_captions": 2, "prompt": "a picture of", **API_FAST})
     finally:
         worker.close()
@@ -101,7 +103,7 @@ def test_a_second_run_skips_captioned_images_unless_overwrite(eng, capsys, folde
 
 def test_images_go_through_the_engine_in_batches(eng, capsys, tmp_path, monkeypatch):
     for i in range(10):
-        write(tmp_path / f"img{i:02d}.png", testlib.png(seed=40 + i))
+        write(tmp_path / f"img{i:02d}.png", pics.png(seed=40 + i))
     sizes = []
     real = eng.generate_batch
     monkeypatch.setattr(eng, "generate_batch",
@@ -136,10 +138,10 @@ def test_a_missing_folder_or_no_images(eng, capsys, tmp_path):
 
 
 def test_the_command_line(tmp_path):
-    write(tmp_path / "x" / "photo.jpg", testlib.jpeg(seed=9))
+    write(tmp_path / "x" / "photo.jpg", pics.jpeg(seed=9))
     done = subprocess.run(
-        [sys.executable, str(testlib.REPO / "src" / "caption_folder.py"), str(tmp_path),
-         "--max-length", "6"], env=testlib.worker_env(BLIP_WARMUP="0"), cwd=tmp_path,
+        [sys.executable, str(REPO / "src" / "caption_folder.py"), str(tmp_path),
+         "--max-length", "6"], env=worker_env(BLIP_WARMUP="0"), cwd=tmp_path,
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "captioned 1, skipped 0 (already captioned), failed 0" in done.stdout

@@ -8,9 +8,12 @@ import pytest
 
 import config
 import schema
-import testlib
+from support import web
+from support import images as pics
+from support.worker import REPO, ApiServer
+from support.zips import make_zip
 
-README = (testlib.REPO / "README.md").read_text()
+README = (REPO / "README.md").read_text()
 
 
 def between(tag: str) -> str:
@@ -26,7 +29,7 @@ def json_blocks() -> list[dict]:
 def test_readme_opens_with_the_two_commands_and_ci_runs_the_same_one():
     head = "\n".join(README.splitlines()[:40])
     assert "make run" in head and "make test" in head
-    ci = (testlib.REPO / ".ci" / "run").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
     assert re.search(r"^\s*make test\s*$", ci, re.M), ".ci/run must call `make test`"
 
 
@@ -63,7 +66,7 @@ def test_the_output_example_has_the_real_shape():
 
     from inputs import ImageSource, decode_image
     (entry,) = example["errors"]
-    src = ImageSource((0, 0), entry["image_path"], lambda: io.BytesIO(testlib.truncated_jpeg(1)))
+    src = ImageSource((0, 0), entry["image_path"], lambda: io.BytesIO(pics.truncated_jpeg(1)))
     with pytest.raises(Exception) as info:
         decode_image(src, config.defaults())
     assert entry["error"] == str(info.value)
@@ -71,7 +74,7 @@ def test_the_output_example_has_the_real_shape():
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
-    with testlib.ApiServer(tmp_path_factory.mktemp("docs") / "server.log") as server:
+    with ApiServer(tmp_path_factory.mktemp("docs") / "server.log") as server:
         yield server
 
 
@@ -80,11 +83,11 @@ def serve_example_urls(http_server, job_input: dict) -> dict:
     def local(url: str) -> str:
         path = "/" + url.split("example.com/", 1)[1]
         if path.endswith(".zip"):
-            data = testlib.make_zip([(f"shots/{i}.jpg", testlib.jpeg(seed=60 + i))
-                                     for i in range(3)] + [("notes.txt", b"x")])
+            data = make_zip([(f"shots/{i}.jpg", pics.jpeg(seed=60 + i))
+                             for i in range(3)] + [("notes.txt", b"x")])
         else:
-            data = testlib.jpeg(seed=len(path))
-        return http_server.route(path, testlib.body(data))
+            data = pics.jpeg(seed=len(path))
+        return http_server.route(path, web.body(data))
 
     out = dict(job_input)
     if "data_url" in out:

@@ -3,7 +3,7 @@ import logging
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import config
 import engines as engine_mod
@@ -12,6 +12,7 @@ import testing_models
 from engines import TransformersEngine
 from errors import FatalDeviceError, ModelLoadError
 from params import CaptionResult, GenerationParams
+from support.images import distinct_images
 
 GREEDY = GenerationParams(num_beams=1, max_length=12, min_length=5)
 BEAMS3 = GenerationParams(num_beams=3, max_length=12, min_length=5)
@@ -24,19 +25,6 @@ def tiny_cfg(**env):
 @pytest.fixture(scope="module")
 def engine():
     return engine_mod.load_engine(tiny_cfg())
-
-
-def distinct_images(n):
-    """Different colours, shapes and sizes: a tiny model must tell them apart."""
-    out = []
-    for i in range(n):
-        im = Image.new("RGB", (320 + 8 * i, 240), ((37 * i) % 256, (91 * i + 50) % 256,
-                                                  (173 * i + 20) % 256))
-        d = ImageDraw.Draw(im)
-        d.ellipse((20 * i % 200, 10, 20 * i % 200 + 80, 120), fill=(255 - (37 * i) % 256, 200, 30))
-        d.rectangle((0, 200 - 10 * i, 320, 240), fill=(10 * i, 0, 255 - 10 * i))
-        out.append(im)
-    return out
 
 
 def captions(results):

@@ -8,7 +8,7 @@ import generation
 import preprocess
 from generation.workspace import EncodeGraph
 from params import GenerationParams as G
-from test_engine import distinct_images
+from support.images import distinct_images
 
 PROMPTS = ["a photo of", "a", "an image showing the", "a photo of", "", "xx"]
 

@@ -11,7 +11,7 @@ import generation
 import preprocess
 import testing_models
 from params import GenerationParams as G
-from test_engine import distinct_images
+from support.images import distinct_images
 
 pytestmark = pytest.mark.gpu
 

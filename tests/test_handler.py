@@ -7,8 +7,9 @@ import pytest
 
 import config
 import handler
-import testlib
-from test_jobs import FAST
+from support import web
+from support import images as pics
+from support.worker import FAST
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def test_job_and_decode_threads_are_started_at_setup_not_on_the_first_burst(work
 
 
 def test_handler_answers_a_job(worker):
-    job = {"id": "h-1", "input": {"data_url": testlib.data_uri(testlib.jpeg(seed=1),
+    job = {"id": "h-1", "input": {"data_url": web.data_uri(pics.jpeg(seed=1),
                                                                 "image/jpeg"), **FAST}}
     out = asyncio.run(handler.handler(job))
     assert out["captions"][0]["image_path"] == "data_url"
@@ -39,7 +40,7 @@ def test_handler_answers_a_job(worker):
 
 def test_a_cancelled_job_stops_its_downloads_and_frees_its_directory(worker, http_server):
     w, work = worker
-    slow = http_server.route("/drip.jpg", testlib.drip(testlib.jpeg(seed=2), interval=0.5))
+    slow = http_server.route("/drip.jpg", web.drip(pics.jpeg(seed=2), interval=0.5))
     job = {"id": "h-cancel", "input": {"data_urls": [slow], **FAST}}
 
     async def run_then_cancel():

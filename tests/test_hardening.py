@@ -30,8 +30,11 @@ from runpod.serverless.utils import rp_ssrf
 import config
 import handler
 import schema
-import testlib as T
-from test_jobs import FAST
+from support import checks, load, web
+from support import images as pics
+from support.worker import FAST, REPO, ApiServer, api_output, proc_figures
+from support.zips import (JUNK_NAMES, ZIP_SLIP_NAMES, make_zip, many_members_zip, patch_entry,
+                          symlink_entry, truncated, zip_bomb)
 
 MiB = 1 << 20
 DEADLINE_S = 2
@@ -53,8 +56,8 @@ def work_dirs(tmp_path_factory):
 @pytest.fixture(scope="module", autouse=True)
 def _api_booting(work_dirs):
     """Start the API server at once, in the background: it loads while the first tests run."""
-    server = T.ApiServer(work_dirs["log"], **WORKER_ENV, **API_CHAOS,
-                         WORK_DIR=str(work_dirs["api"]))
+    server = ApiServer(work_dirs["log"], **WORKER_ENV, **API_CHAOS,
+                       WORK_DIR=str(work_dirs["api"]))
     with ThreadPoolExecutor(1) as boot:
         booting = boot.submit(server.start)
         yield booting
@@ -83,9 +86,9 @@ def worker(work_dirs):
 def run(request, worker):
     """Run one job input and answer in ``Worker.run``'s shape: in process, or through the API."""
     if request.param == "job":
-        return lambda job_input: T.within(60, worker.run, job_input)  # a hang fails the test
+        return lambda job_input: checks.within(60, worker.run, job_input)  # a hang fails the test
     api = request.getfixturevalue("api")
-    return lambda job_input: T.api_output(api.runsync(job_input, timeout=60))
+    return lambda job_input: api_output(api.runsync(job_input, timeout=60))
 
 
 @pytest.fixture(autouse=True)
@@ -100,7 +103,7 @@ def no_leftovers(work_dirs):
 def check(out: dict, expected: dict, skipped: int = 0) -> dict:
     """Assert the job's outcomes are exactly ``expected``; return {image_path: caption}."""
     assert "error" not in out, out["error"]
-    assert T.outcome_problems(out, expected) == []
+    assert checks.outcome_problems(out, expected) == []
     assert out.get("skipped", 0) == skipped
     return {c["image_path"]: c["caption"] for c in out["captions"]}
 
@@ -109,18 +112,18 @@ def check(out: dict, expected: dict, skipped: int = 0) -> dict:
 
 CAPTIONED = None
 HOSTILE_IMAGES = {  # name: (bytes, CAPTIONED or the start of its error)
-    "pixel-bomb.png": (T.pixel_bomb_png(50000, 50000),
+    "pixel-bomb.png": (pics.pixel_bomb_png(50000, 50000),
                        "image is 2500 MP; the limit is 120 MP (MAX_IMAGE_PIXELS); resize it"),
-    "truncated.jpg": (T.truncated_jpeg(1),
+    "truncated.jpg": (pics.truncated_jpeg(1),
                       "not a readable image: truncated or corrupt JPEG data ("),
-    "cmyk.jpg": (T.cmyk_jpeg(1), CAPTIONED),
-    "16-bit.png": (T.png16(), CAPTIONED),
-    "palette-transparent.png": (T.palette_png_transparent(2), CAPTIONED),
-    "animated.gif": (T.animated("GIF"), CAPTIONED),
-    "animated.webp": (T.animated("WEBP"), CAPTIONED),
-    "exif-rotated.jpg": (T.exif_rotated_jpeg(1), CAPTIONED),
-    "1x1.png": (T.png(4, (1, 1)), CAPTIONED),
-    "10000x10.png": (T.png(5, (10000, 10)), CAPTIONED),
+    "cmyk.jpg": (pics.cmyk_jpeg(1), CAPTIONED),
+    "16-bit.png": (pics.png16(), CAPTIONED),
+    "palette-transparent.png": (pics.palette_png_transparent(2), CAPTIONED),
+    "animated.gif": (pics.animated("GIF"), CAPTIONED),
+    "animated.webp": (pics.animated("WEBP"), CAPTIONED),
+    "exif-rotated.jpg": (pics.exif_rotated_jpeg(1), CAPTIONED),
+    "1x1.png": (pics.png(4, (1, 1)), CAPTIONED),
+    "10000x10.png": (pics.png(5, (10000, 10)), CAPTIONED),
     "not-an-image.jpg": (b"plain text, not a picture", "not an image or a zip: the content is not "
                          "JPEG, PNG, GIF, WebP, BMP, TIFF or AVIF, nor a zip of them"),
     "empty.jpg": (b"", "the file is empty (0 bytes); check that the source holds the image"),
@@ -128,10 +131,10 @@ HOSTILE_IMAGES = {  # name: (bytes, CAPTIONED or the start of its error)
 # What the special images must caption as: the first frame; the image turned upright. And
 # controls proving the captions tell them apart: the second frame; the stored, unturned pixels.
 REFERENCES = {
-    "ref/first-frame.png": T.solid((255, 0, 0)), "ref/second-frame.png": T.solid((0, 0, 255)),
-    "ref/upright.png": T.upright(HOSTILE_IMAGES["exif-rotated.jpg"][0]),
-    "ref/unturned.png": T.encode(Image.open(io.BytesIO(HOSTILE_IMAGES["exif-rotated.jpg"][0]))
-                                 .convert("RGB"), "PNG"),
+    "ref/first-frame.png": pics.solid((255, 0, 0)), "ref/second-frame.png": pics.solid((0, 0, 255)),
+    "ref/upright.png": pics.upright(HOSTILE_IMAGES["exif-rotated.jpg"][0]),
+    "ref/unturned.png": pics.encode(Image.open(io.BytesIO(HOSTILE_IMAGES["exif-rotated.jpg"][0]))
+                                    .convert("RGB"), "PNG"),
 }
 
 
@@ -146,7 +149,7 @@ def assert_decoded_as_a_viewer_shows_them(caption) -> None:
 
 def test_hostile_images_by_url_each_get_their_outcome(run, http_server):
     files = {**{n: d for n, (d, _) in HOSTILE_IMAGES.items()}, **REFERENCES}
-    urls = {name: http_server.route(f"/img/{name}", T.body(data)) for name, data in files.items()}
+    urls = {name: http_server.route(f"/img/{name}", web.body(data)) for name, data in files.items()}
     out = run({"data_urls": list(urls.values()), **FAST})
     captions = check(out, {urls[n]: HOSTILE_IMAGES.get(n, (b"", CAPTIONED))[1] for n in files})
     assert_decoded_as_a_viewer_shows_them(lambda name: captions[urls[name]])
@@ -156,17 +159,17 @@ def test_hostile_images_by_url_each_get_their_outcome(run, http_server):
 
 def hostile_zip() -> tuple[bytes, dict, int]:
     """Every hostile member kind in one zip: (bytes, expected outcomes, members skipped)."""
-    entries = [(name, T.png(10 + i)) for i, name in enumerate(T.ZIP_SLIP_NAMES)]
-    entries += [T.symlink_entry("link.jpg"), ("locked.jpg", T.jpeg(20)),
-                ("inner.zip", T.make_zip([("a.png", T.png(21))])),
-                ("zip-named.jpg", T.make_zip([("b.png", T.png(22))])),
-                ("png-named.zip", T.png(23)), ("new\nline.jpg", T.png(24)),
-                ("\u202eevil.jpg", T.png(25))]
+    entries = [(name, pics.png(10 + i)) for i, name in enumerate(ZIP_SLIP_NAMES)]
+    entries += [symlink_entry("link.jpg"), ("locked.jpg", pics.jpeg(20)),
+                ("inner.zip", make_zip([("a.png", pics.png(21))])),
+                ("zip-named.jpg", make_zip([("b.png", pics.png(22))])),
+                ("png-named.zip", pics.png(23)), ("new\nline.jpg", pics.png(24)),
+                ("\u202eevil.jpg", pics.png(25))]
     entries += [(f"images/{name}", data) for name, (data, _) in HOSTILE_IMAGES.items()]
     entries += [(f"images/{name}", data) for name, data in REFERENCES.items()]
-    entries += [(name, b"junk") for name in T.JUNK_NAMES]
+    entries += [(name, b"junk") for name in JUNK_NAMES]
     nested = "a zip inside the zip is not opened; zip the images themselves"
-    expected = {**{name: CAPTIONED for name in T.ZIP_SLIP_NAMES},
+    expected = {**{name: CAPTIONED for name in ZIP_SLIP_NAMES},
                 "link.jpg": "symbolic link in the zip: links are not followed; put the image "
                             "itself in the zip",
                 "locked.jpg": "encrypted (password-protected) zip member; zip the images "
@@ -175,18 +178,18 @@ def hostile_zip() -> tuple[bytes, dict, int]:
                 "new\\nline.jpg": CAPTIONED, "\\u202eevil.jpg": CAPTIONED,  # escaped labels
                 **{f"images/{n}": want for n, (_, want) in HOSTILE_IMAGES.items()},
                 **{f"images/{n}": CAPTIONED for n in REFERENCES}}
-    data = T.patch_entry(T.make_zip(entries), "locked.jpg", flag_bits=1)
-    return data, expected, len(T.JUNK_NAMES)
+    data = patch_entry(make_zip(entries), "locked.jpg", flag_bits=1)
+    return data, expected, len(JUNK_NAMES)
 
 
 def test_hostile_zip_members_each_get_their_outcome_and_nothing_escapes(run, work_dirs):
-    repo_before = set(os.listdir(T.REPO))
+    repo_before = set(os.listdir(REPO))
     data, expected, skipped = hostile_zip()
-    out = run({"data_url": T.data_uri(data, "application/zip"), **FAST})
+    out = run({"data_url": web.data_uri(data, "application/zip"), **FAST})
     captions = check(out, expected, skipped)
     assert_decoded_as_a_viewer_shows_them(lambda name: captions[f"images/{name}"])
-    assert set(os.listdir(T.REPO)) == repo_before  # both workers run in the repository root
-    for root in (work_dirs["job"], work_dirs["api"], T.REPO):  # where ../../x.jpg would land
+    assert set(os.listdir(REPO)) == repo_before  # both workers run in the repository root
+    for root in (work_dirs["job"], work_dirs["api"], REPO):  # where ../../x.jpg would land
         assert not any((root / rel).resolve().exists()
                        for rel in ("x.jpg", "../x.jpg", "../../x.jpg", "../../../x.jpg"))
     assert not os.path.exists("/abs/x.jpg") and not os.path.exists("/x.jpg")
@@ -194,29 +197,30 @@ def test_hostile_zip_members_each_get_their_outcome_and_nothing_escapes(run, wor
 
 def _huge_total_zip() -> bytes:
     """Two members whose headers claim 3.75 GiB each (over 4 GiB together, ratio checked later)."""
-    data = T.make_zip([("a.png", T.png(1)), ("b.png", T.png(2))])
+    data = make_zip([("a.png", pics.png(1)), ("b.png", pics.png(2))])
     for name in ("a.png", "b.png"):
-        data = T.patch_entry(data, name, file_size=0xF0000000)
+        data = patch_entry(data, name, file_size=0xF0000000)
     return data
 
 
 BOMB = ("zip member 'zeros.jpg' expands ", "x (", " to 50 MiB); the limit is 100x (MAX_ZIP_RATIO): "
         "this looks like a zip bomb; zip the images with ordinary compression")  # the ratio
 ZIP_JOB_ERRORS = {  # job input factory (data: URIs) -> the whole job's error, in pieces
-    "bomb": (lambda: {"data_url": T.data_uri(T.zip_bomb())}, ("data_url: " + BOMB[0], *BOMB[1:])),
-    "bomb-among-images": (lambda: {"data_urls": [T.data_uri(T.png(1)), T.data_uri(T.zip_bomb())]},
+    "bomb": (lambda: {"data_url": web.data_uri(zip_bomb())}, ("data_url: " + BOMB[0], *BOMB[1:])),
+    "bomb-among-images": (lambda: {"data_urls": [web.data_uri(pics.png(1)),
+                                                 web.data_uri(zip_bomb())]},
                           ("data_urls[1]: " + BOMB[0], *BOMB[1:])),
-    "huge-total": (lambda: {"data_url": T.data_uri(_huge_total_zip())},
+    "huge-total": (lambda: {"data_url": web.data_uri(_huge_total_zip())},
                    ("data_url: the zip's files total 7.5 GiB uncompressed; the limit is 4 GiB "
                     "(MAX_ZIP_UNCOMPRESSED_BYTES); split it into several jobs",)),
-    "10000-members": (lambda: {"data_url": T.data_uri(T.many_members_zip(10_000))},
+    "10000-members": (lambda: {"data_url": web.data_uri(many_members_zip(10_000))},
                       ("data_url: the zip has 10000 files; the limit is 1000 "
                        "(MAX_IMAGES_PER_JOB); split it into several jobs",)),
-    "truncated": (lambda: {"data_url": T.data_uri(T.truncated(T.make_zip(
-                      [(f"{i}.png", T.png(i)) for i in range(4)])))},
+    "truncated": (lambda: {"data_url": web.data_uri(truncated(make_zip(
+                      [(f"{i}.png", pics.png(i)) for i in range(4)])))},
                   ("data_url: unreadable zip archive (File is not a zip file); the file may be "
                    "truncated or damaged: create it again",)),
-    "no-images": (lambda: {"data_url": T.data_uri(T.make_zip([("a.txt", b"x"),
+    "no-images": (lambda: {"data_url": web.data_uri(make_zip([("a.txt", b"x"),
                                                                ("__MACOSX/._a.jpg", b"x")]))},
                   ("no images found to caption (2 non-image files were skipped): send JPEG, "
                    "PNG, GIF, WebP, BMP, TIFF or AVIF images, or a zip of them",)),
@@ -238,15 +242,15 @@ def test_zips_over_their_limits_fail_the_job_at_once(run, case):
 
 
 def test_ten_thousand_junk_members_are_counted_and_the_image_captioned(worker):
-    data = T.make_zip([(f"__MACOSX/._{i:05d}.jpg", b"x") for i in range(10_000)]
-                      + [("photo.png", T.png(1))])
-    out = worker.run({"data_url": T.data_uri(data), **FAST})
+    data = make_zip([(f"__MACOSX/._{i:05d}.jpg", b"x") for i in range(10_000)]
+                    + [("photo.png", pics.png(1))])
+    out = worker.run({"data_url": web.data_uri(data), **FAST})
     check(out, {"photo.png": CAPTIONED}, skipped=10_000)
 
 
 def test_a_truncated_zip_among_other_sources_costs_only_itself(worker):
-    cut = T.data_uri(T.truncated(T.make_zip([(f"{i}.png", T.png(i)) for i in range(4)])))
-    out = worker.run({"data_urls": [cut, T.data_uri(T.png(9))], **FAST})
+    cut = web.data_uri(truncated(make_zip([(f"{i}.png", pics.png(i)) for i in range(4)])))
+    out = worker.run({"data_urls": [cut, web.data_uri(pics.png(9))], **FAST})
     check(out, {"data_urls[0]": "unreadable zip archive (File is not a zip file); the file may "
                                 "be truncated or damaged: create it again",
                 "data_urls[1]": CAPTIONED})
@@ -262,27 +266,27 @@ def network_faults() -> dict:
     their requests)."""
     deadline = f"the download did not finish within {DEADLINE_S} s (DOWNLOAD_DEADLINE_S)"
     return {
-        "/404.jpg": (T.status(404), "the server answered HTTP 404 Not Found; check that the URL is "
-                                    "correct and publicly readable (no login, not expired)"),
-        "/500-then-ok.jpg": (T.fail_then(1, T.body(T.jpeg(30))), CAPTIONED),
-        "/drip.jpg": (T.drip(b"\xff\xd8\xff" + bytes(200), interval=0.2), deadline),
-        "/drip-headers.jpg": (T.drip_headers(interval=0.2), deadline),
-        "/slow-redirects.jpg": (T.delay(0.6, T.redirect("/slow-redirects.jpg")), deadline),
-        "/reset.jpg": (T.reset(), "download failed after 4 attempts: the server closed the "
-                                  "connection without answering"),
-        "/loop.jpg": (T.redirect("/loop.jpg"),
+        "/404.jpg": (web.status(404), "the server answered HTTP 404 Not Found; check that the URL "
+                                      "is correct and publicly readable (no login, not expired)"),
+        "/500-then-ok.jpg": (web.fail_then(1, web.body(pics.jpeg(30))), CAPTIONED),
+        "/drip.jpg": (web.drip(b"\xff\xd8\xff" + bytes(200), interval=0.2), deadline),
+        "/drip-headers.jpg": (web.drip_headers(interval=0.2), deadline),
+        "/slow-redirects.jpg": (web.delay(0.6, web.redirect("/slow-redirects.jpg")), deadline),
+        "/reset.jpg": (web.reset(), "download failed after 4 attempts: the server closed the "
+                                    "connection without answering"),
+        "/loop.jpg": (web.redirect("/loop.jpg"),
                       "too many redirects (more than 5); use the final URL"),
-        "/huge.jpg": (T.huge(200 * MiB, head=b"\xff\xd8\xff\xe0"), TOO_LARGE),
-        "/length-short.jpg": (T.body(T.jpeg(31, (256, 192)), length=100),
+        "/huge.jpg": (web.huge(200 * MiB, head=b"\xff\xd8\xff\xe0"), TOO_LARGE),
+        "/length-short.jpg": (web.body(pics.jpeg(31, (256, 192)), length=100),
                               "not a readable image: truncated or corrupt JPEG data ("),
-        "/length-long.jpg": (T.body(T.jpeg(32), length=10_000),
+        "/length-long.jpg": (web.body(pics.jpeg(32), length=10_000),
                              "download failed after 4 attempts: the connection broke during the "
                              "download"),
-        "/length-3GiB.jpg": (T.body(T.jpeg(33), length=3 << 30),
+        "/length-3GiB.jpg": (web.body(pics.jpeg(33), length=3 << 30),
                              "the file is 3 GiB (its Content-Length); the limits are 50 MiB for an "
                              "image (MAX_IMAGE_BYTES) and 2 GiB for a zip (MAX_ZIP_BYTES)"),
-        "/really-a-png.zip": (T.body(T.png(34), "application/zip"), CAPTIONED),
-        "/really-a-zip.jpg": (T.body(T.make_zip([("inside.png", T.png(35))]), "image/jpeg"),
+        "/really-a-png.zip": (web.body(pics.png(34), "application/zip"), CAPTIONED),
+        "/really-a-zip.jpg": (web.body(make_zip([("inside.png", pics.png(35))]), "image/jpeg"),
                               CAPTIONED),  # its member, labelled "<url>/inside.png"
     }
 
@@ -305,8 +309,8 @@ def test_network_faults_each_get_their_outcome_within_the_deadline(run, http_ser
 def test_a_failing_job_cuts_its_other_downloads_at_once(worker, http_server):
     """A job error (a zip bomb) while another source still waits for its headers: the job
     answers at once; the waiting download is cut, not awaited until its deadline."""
-    job = {"data_urls": [http_server.route("/drip-headers.jpg", T.drip_headers(interval=0.2)),
-                         T.data_uri(T.zip_bomb())], **FAST}
+    job = {"data_urls": [http_server.route("/drip-headers.jpg", web.drip_headers(interval=0.2)),
+                         web.data_uri(zip_bomb())], **FAST}
     start = time.monotonic()
     out = worker.run(job)
     assert out["error"].startswith("data_urls[1]: " + BOMB[0])
@@ -316,10 +320,10 @@ def test_a_failing_job_cuts_its_other_downloads_at_once(worker, http_server):
 def test_a_body_over_the_cap_is_read_up_to_the_cap_and_no_further(worker, http_server,
                                                                    monkeypatch):
     import urllib3
-    reads = T.count_bytes_returned(monkeypatch, urllib3.response.HTTPResponse, "read1")
+    reads = web.count_bytes_returned(monkeypatch, urllib3.response.HTTPResponse, "read1")
     cap = worker.cfg.max_image_bytes
-    url = http_server.route("/huge.jpg", T.huge(200 * MiB, head=b"\xff\xd8\xff\xe0"))
-    out = worker.run({"data_urls": [url, T.data_uri(T.png(1))], **FAST})
+    url = http_server.route("/huge.jpg", web.huge(200 * MiB, head=b"\xff\xd8\xff\xe0"))
+    out = worker.run({"data_urls": [url, web.data_uri(pics.png(1))], **FAST})
     check(out, {url: TOO_LARGE, "data_urls[1]": CAPTIONED})
     assert sum(reads) == cap + 1  # one byte past the cap proves it is exceeded
     assert http_server.sent("/huge.jpg") < cap + 32 * MiB  # the rest was never sent
@@ -329,13 +333,13 @@ def test_private_addresses_are_refused_unless_allowed(worker, http_server, monke
     # A second server on 127.0.0.2 plays a public host (the SSRF guard's address test is
     # replaced by "only 127.0.0.2 is public"); everything else is real: its redirects are
     # answered over HTTP and runpod's guard re-checks every hop.
-    monkeypatch.delenv(T.PRIVATE_ENV)
+    monkeypatch.delenv(web.PRIVATE_ENV)
     monkeypatch.setattr(rp_ssrf, "is_safe_address", lambda ip: ip == "127.0.0.2")
-    target = http_server.route("/private.jpg", T.body(T.jpeg(40)))
-    with T.LocalServer("127.0.0.2") as public:
-        public.route("/to-local", T.redirect(target))
-        public.route("/to-metadata", T.redirect("http://169.254.169.254/latest/meta-data/"))
-        public.route("/fine.jpg", T.body(T.jpeg(41)))
+    target = http_server.route("/private.jpg", web.body(pics.jpeg(40)))
+    with web.LocalServer("127.0.0.2") as public:
+        public.route("/to-local", web.redirect(target))
+        public.route("/to-metadata", web.redirect("http://169.254.169.254/latest/meta-data/"))
+        public.route("/fine.jpg", web.body(pics.jpeg(41)))
         sources = [target] + [public.url(path, "127.0.0.2")
                               for path in ("/to-local", "/to-metadata", "/fine.jpg")]
         out = worker.run({"data_urls": sources, **FAST})
@@ -346,7 +350,7 @@ def test_private_addresses_are_refused_unless_allowed(worker, http_server, monke
                                 "(169.254.169.254)",
                     sources[3]: CAPTIONED})
         assert http_server.hits("/private.jpg") == 0 and public.hits("/to-local") == 1
-        monkeypatch.setenv(T.PRIVATE_ENV, "true")  # the operator allows private addresses
+        monkeypatch.setenv(web.PRIVATE_ENV, "true")  # the operator allows private addresses
         out = worker.run({"data_url": sources[1], **FAST})
         check(out, {sources[1]: CAPTIONED})
         assert http_server.hits("/private.jpg") == 1
@@ -469,9 +473,9 @@ def offline(monkeypatch) -> None:
 
 def test_handler_answers_any_input_readably(worker, http_server, monkeypatch):
     offline(monkeypatch)
-    ok = http_server.route("/ok.jpg", T.body(T.jpeg(50, (16, 16))))
-    good = [ok, T.data_uri(T.png(51, (16, 16))),
-            T.data_uri(T.make_zip([("a.png", T.png(52, (16, 16)))]))]
+    ok = http_server.route("/ok.jpg", web.body(pics.jpeg(50, (16, 16))))
+    good = [ok, web.data_uri(pics.png(51, (16, 16))),
+            web.data_uri(make_zip([("a.png", pics.png(52, (16, 16)))]))]
     sources = good + [http_server.url("/gone.jpg"), "ftp://example.com/a.jpg", "", "data:,",
                       "data:image/png;base64,!!!", "http://", "http://[::1", "/etc/passwd",
                       "http://\ud800.example/x.jpg", "http://exa\x00mple/x.jpg",
@@ -491,7 +495,7 @@ def test_handler_answers_any_input_readably(worker, http_server, monkeypatch):
 
 
 def test_the_smallest_temperatures_still_caption(worker):
-    out = worker.run({"data_url": T.data_uri(T.png(1)), "use_nucleus_sampling": True,
+    out = worker.run({"data_url": web.data_uri(pics.png(1)), "use_nucleus_sampling": True,
                       "temperature": 1e-300, **FAST})
     assert "captions" in out, out
 
@@ -520,7 +524,7 @@ def test_handler_survives_deep_nesting_huge_values_and_odd_jobs(worker):
 @pytest.fixture(scope="module")
 def pool_captions(worker):
     """Each pool image's caption alone, in process (12 images)."""
-    return T.pool_captions(worker.run, FAST, pool=12)
+    return load.pool_captions(worker.run, FAST, pool=12)
 
 
 def test_a_job_whose_downloads_all_fail_does_not_slow_its_neighbours(worker, http_server,
@@ -530,25 +534,25 @@ def test_a_job_whose_downloads_all_fail_does_not_slow_its_neighbours(worker, htt
     neighbours' answers are identical, none waits for a failing download (none takes half the
     deadline longer than alone) and their median latency at most doubles (+0.25 s of
     scheduling noise on two cores)."""
-    mix = T.LoadMix(http_server, FAST, seed=3, prefix="neighbours", pool=12, drip=True)
+    mix = load.LoadMix(http_server, FAST, seed=3, prefix="neighbours", pool=12, drip=True)
     neighbours = mix.jobs(12, kinds=("url", "inline", "list"))
-    alone, beside, failed = T.load_beside_failures(worker.run, mix, neighbours, clients=2,
-                                                   failing_clients=2)
-    assert T.load_problems(alone + beside + failed, pool_captions) == []
+    alone, beside, failed = load.load_beside_failures(worker.run, mix, neighbours, clients=2,
+                                                      failing_clients=2)
+    assert load.load_problems(alone + beside + failed, pool_captions) == []
     assert len(failed) >= 2 and all("DOWNLOAD_DEADLINE_S" in out["error"] for _, out, _ in failed)
     before = statistics.median(s for _, _, s in alone)
     after = statistics.median(s for _, _, s in beside)
-    assert T.slowed(alone, beside, by=DEADLINE_S / 2) == []
+    assert load.slowed(alone, beside, by=DEADLINE_S / 2) == []
     assert after <= 2 * before + 0.25, (before, after)
 
 
 def test_a_corrupted_gpu_fails_its_job_asking_for_a_new_worker_and_others_finish(
         worker, http_server, pool_captions):
-    mix = T.LoadMix(http_server, FAST, seed=5, prefix="cuda", pool=12, poison=POISON)
+    mix = load.LoadMix(http_server, FAST, seed=5, prefix="cuda", pool=12, poison=POISON)
     jobs = mix.jobs(12, kinds=("url", "list", "zip")) + mix.jobs(3, kinds=("poison",))
     mix.rng.shuffle(jobs)
-    results = T.run_load(worker.run, jobs, clients=3)
-    assert T.load_problems(results, pool_captions) == []
+    results = load.run_load(worker.run, jobs, clients=3)
+    assert load.load_problems(results, pool_captions) == []
     for job, out, _ in results:
         assert out.get("refresh_worker") is (True if job.fails else None), out
         if job.fails:
@@ -564,17 +568,17 @@ def test_a_corrupted_gpu_fails_its_job_asking_for_a_new_worker_and_others_finish
 def test_short_soak_through_the_api(api, http_server, work_dirs):
     """2 clients x 20 mixed jobs (zips with bad members, 404s, a drip, poisoned jobs) on the
     API server, out-of-memory injected: every answer exact; threads and descriptors as before."""
-    run = lambda job_input: T.api_output(api.runsync(job_input))  # noqa: E731
-    captions = T.pool_captions(run, FAST, pool=12)
-    mix = T.LoadMix(http_server, FAST, seed=11, prefix="short", pool=12, drip=True,
-                    poison=POISON)
-    assert T.load_problems(T.run_load(run, mix.jobs(4), clients=2), captions) == []  # warm
-    before = T.proc_figures(api.proc.pid)
+    run = lambda job_input: api_output(api.runsync(job_input))  # noqa: E731
+    captions = load.pool_captions(run, FAST, pool=12)
+    mix = load.LoadMix(http_server, FAST, seed=11, prefix="short", pool=12, drip=True,
+                       poison=POISON)
+    assert load.load_problems(load.run_load(run, mix.jobs(4), clients=2), captions) == []  # warm
+    before = proc_figures(api.proc.pid)
     jobs = mix.jobs(18) + mix.jobs(2, kinds=("poison",))
     mix.rng.shuffle(jobs)
-    results = T.run_load(run, jobs, clients=2)
-    after = T.proc_figures(api.proc.pid)
-    assert T.load_problems(results, captions) == []
+    results = load.run_load(run, jobs, clients=2)
+    after = proc_figures(api.proc.pid)
+    assert load.load_problems(results, captions) == []
     assert sum(job.images for job in jobs) >= 60
     assert os.listdir(work_dirs["api"]) == []
     assert after["threads"] <= before["threads"] + 2, (before, after)

@@ -9,11 +9,11 @@ import pytest
 
 import config
 import schema
-import test_dockerfile
-import testlib
+from support.dockerfile import CUDA_FLAVORS, default_cuda_flavor, runs_on
+from support.worker import REPO
 
-HUB = json.loads((testlib.REPO / ".runpod" / "hub.json").read_text())
-TESTS = json.loads((testlib.REPO / ".runpod" / "tests.json").read_text())
+HUB = json.loads((REPO / ".runpod" / "hub.json").read_text())
+TESTS = json.loads((REPO / ".runpod" / "tests.json").read_text())
 SETTINGS = {s.env: s for s in config.SETTINGS}
 
 CATEGORIES = {"audio", "embedding", "language", "video", "image"}
@@ -49,7 +49,7 @@ def accepted(env: dict) -> config.Config:
 
 def baked_model() -> str:
     """BLIP_MODEL of the transformers image: /models/<BLIP_MODEL_REPO default>."""
-    dockerfile = (testlib.REPO / "Dockerfile").read_text()
+    dockerfile = (REPO / "Dockerfile").read_text()
     repo = re.search(r"^ARG BLIP_MODEL_REPO=(\S+)", dockerfile, re.M)[1]
     assert "ENV BLIP_MODEL=/models/${BLIP_MODEL_REPO}" in dockerfile
     return f"/models/{repo}"
@@ -116,18 +116,18 @@ def test_hub_tests_run_on_a_supported_gpu_with_the_sample_input():
     assert cfg["gpuTypeId"] in GPUS_16GB_UP and cfg["gpuCount"] == 1
     assert cfg["allowedCudaVersions"] == HUB["config"]["allowedCudaVersions"]
     accepted({e["key"]: e["value"] for e in cfg.get("env", [])})
-    sample = json.loads((testlib.REPO / "test_input.json").read_text())["input"]
+    sample = json.loads((REPO / "test_input.json").read_text())["input"]
     assert TESTS["tests"][0]["input"] == sample  # the same check as `make run`
 
 
 def test_hub_gpus_have_kernels_in_the_default_images_torch():
     """Every GPU the Hub may pick (its pools, the test GPU) is one the default CUDA flavour's
     torch is built for: cu126 stops at Hopper (sm_90), so a Blackwell pool would need cu130."""
-    flavor = test_dockerfile.default_cuda_flavor(testlib.REPO)
-    assert flavor in test_dockerfile.CUDA_FLAVORS, flavor
+    flavor = default_cuda_flavor(REPO)
+    assert flavor in CUDA_FLAVORS, flavor
     pools = HUB["config"]["gpuIds"].split(",")
     assert set(pools) <= set(POOL_CAPABILITIES), pools
     unserved = {p: sorted(c for c in POOL_CAPABILITIES[p]
-                          if not test_dockerfile.runs_on(flavor, c)) for p in pools}
+                          if not runs_on(flavor, c)) for p in pools}
     assert not any(unserved.values()), (flavor, unserved)
-    assert test_dockerfile.runs_on(flavor, GPUS_16GB_UP[TESTS["config"]["gpuTypeId"]])
+    assert runs_on(flavor, GPUS_16GB_UP[TESTS["config"]["gpuTypeId"]])

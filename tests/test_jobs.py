@@ -9,9 +9,10 @@ import pytest
 import config
 import engines as engine_mod
 import jobs
-import testlib
-
-FAST = {"num_beams": 2, "max_length": 8, "min_length": 2}
+from support import web
+from support import images as pics
+from support.worker import FAST
+from support.zips import five_member_zip, make_zip, many_members_zip, zip_bomb
 
 
 def make_worker(tmp_path, **env):
@@ -28,21 +29,8 @@ def worker(tmp_path_factory):
     w.close()
 
 
-def five_member_zip():
-    """Nested folder, one corrupt member, one .txt: 4 captions + 1 error + 1 skipped."""
-    data = testlib.make_zip([
-        ("b/second.png", testlib.png(seed=2)),
-        ("a/first.jpg", testlib.jpeg(seed=1)),
-        ("a/deeper/third.webp", testlib.image_bytes("WEBP", seed=3)),
-        ("c/broken.jpg", testlib.jpeg(seed=4, size=(256, 192))),
-        ("readme.txt", b"not an image"),
-        ("z/fourth.gif", testlib.image_bytes("GIF", seed=5)),
-    ])
-    return testlib.corrupt_entry(data, "c/broken.jpg")
-
-
 def test_zip_with_nested_folder_corrupt_member_and_text_file(worker, http_server):
-    url = http_server.route("/five.zip", testlib.body(five_member_zip()))
+    url = http_server.route("/five.zip", web.body(five_member_zip()))
     out = worker.run({"data_url": url, **FAST}, "job-zip")
     assert [c["image_path"] for c in out["captions"]] == [
         "a/deeper/third.webp", "a/first.jpg", "b/second.png", "z/fourth.gif"]
@@ -55,9 +43,9 @@ def test_zip_with_nested_folder_corrupt_member_and_text_file(worker, http_server
 
 
 def test_one_404_among_data_urls_costs_only_that_image(worker, http_server):
-    urls = [http_server.route(f"/img{i}.jpg", testlib.body(testlib.jpeg(seed=10 + i)))
+    urls = [http_server.route(f"/img{i}.jpg", web.body(pics.jpeg(seed=10 + i)))
             for i in range(3)]
-    urls.insert(1, http_server.route("/missing.jpg", testlib.status(404)))
+    urls.insert(1, http_server.route("/missing.jpg", web.status(404)))
     out = worker.run({"data_urls": urls, **FAST}, "job-404")
     assert [c["image_path"] for c in out["captions"]] == [urls[0], urls[2], urls[3]]
     assert out["errors"][0]["image_path"] == urls[1] and "HTTP 404" in out["errors"][0]["error"]
@@ -65,8 +53,8 @@ def test_one_404_among_data_urls_costs_only_that_image(worker, http_server):
 
 
 def test_captions_follow_input_order_and_match_captioning_alone(worker):
-    imgs = [testlib.jpeg(seed=s) for s in range(20, 26)]
-    uris = [testlib.data_uri(b, "image/jpeg") for b in imgs]
+    imgs = [pics.jpeg(seed=s) for s in range(20, 26)]
+    uris = [web.data_uri(b, "image/jpeg") for b in imgs]
     together = worker.run({"data_urls": uris, **FAST})["captions"]
     alone = [worker.run({"data_url": u, **FAST})["captions"][0]["caption"] for u in uris]
     assert [c["caption"] for c in together] == alone
@@ -81,21 +69,21 @@ def test_invalid_params_fail_with_one_readable_message(worker):
 
 
 def test_nothing_captioned_fails_and_lists_the_reasons(worker, http_server):
-    urls = [http_server.route(f"/gone{i}.jpg", testlib.status(404)) for i in range(2)]
+    urls = [http_server.route(f"/gone{i}.jpg", web.status(404)) for i in range(2)]
     out = worker.run({"data_urls": urls, **FAST})
     assert set(out) == {"error"}
     assert "no image could be captioned" in out["error"] and out["error"].count("HTTP 404") == 2
 
 
 def test_zip_without_images_fails_clearly(worker):
-    uri = testlib.data_uri(testlib.make_zip([("a.txt", b"x"), ("b.csv", b"1,2")]),
-                           "application/zip")
+    uri = web.data_uri(make_zip([("a.txt", b"x"), ("b.csv", b"1,2")]),
+                       "application/zip")
     out = worker.run({"data_url": uri})
     assert "no images found" in out["error"] and "2 non-image files were skipped" in out["error"]
 
 
 def test_num_captions_gives_alternatives(worker):
-    uri = testlib.data_uri(testlib.jpeg(seed=7), "image/jpeg")
+    uri = web.data_uri(pics.jpeg(seed=7), "image/jpeg")
     out = worker.run({"data_url": uri, "num_beams": 4, "num_captions": 3, "max_length": 8})
     entry = out["captions"][0]
     assert isinstance(entry["caption"], str) and len(entry["alternatives"]) == 2
@@ -103,7 +91,7 @@ def test_num_captions_gives_alternatives(worker):
 
 
 def test_include_prompt(worker):
-    uri = testlib.data_uri(testlib.jpeg(seed=8), "image/jpeg")
+    uri = web.data_uri(pics.jpeg(seed=8), "image/jpeg")
     bare = worker.run({"data_url": uri, **FAST})["captions"][0]["caption"]
     full = worker.run({"data_url": uri, "include_prompt": True, **FAST})["captions"][0]["caption"]
     assert full == f"a photo of {bare}"
@@ -112,22 +100,22 @@ def test_include_prompt(worker):
 def test_job_directory_is_removed_after_success_and_failure(tmp_path, http_server):
     w = make_worker(tmp_path)
     try:
-        w.run({"data_url": testlib.data_uri(testlib.jpeg(seed=1), "image/jpeg"), **FAST})
-        w.run({"data_url": http_server.route("/bad.zip", testlib.body(testlib.zip_bomb()))})
-        w.run({"data_url": testlib.data_uri(five_member_zip(), "application/zip"), **FAST})
+        w.run({"data_url": web.data_uri(pics.jpeg(seed=1), "image/jpeg"), **FAST})
+        w.run({"data_url": http_server.route("/bad.zip", web.body(zip_bomb()))})
+        w.run({"data_url": web.data_uri(five_member_zip(), "application/zip"), **FAST})
         assert os.listdir(tmp_path / "work") == []
     finally:
         w.close()
 
 
 def test_zip_over_its_limits_fails_the_job_naming_the_env_var(worker):
-    uri = testlib.data_uri(testlib.many_members_zip(1001, testlib.jpeg(seed=1)), "application/zip")
+    uri = web.data_uri(many_members_zip(1001, pics.jpeg(seed=1)), "application/zip")
     out = worker.run({"data_url": uri})
     assert "MAX_IMAGES_PER_JOB" in out["error"]
 
 
 def test_concurrent_jobs_each_get_their_own_captions(worker):
-    jobs_in = [[testlib.data_uri(testlib.jpeg(seed=100 + 10 * j + i), "image/jpeg")
+    jobs_in = [[web.data_uri(pics.jpeg(seed=100 + 10 * j + i), "image/jpeg")
                 for i in range(3)] for j in range(6)]
     alone = [[c["caption"] for c in worker.run({"data_urls": u, **FAST})["captions"]]
              for u in jobs_in]
@@ -147,7 +135,7 @@ def test_concurrent_jobs_each_get_their_own_captions(worker):
 
 
 def test_injected_oom_still_captions_every_image(tmp_path, worker):
-    uris = [testlib.data_uri(testlib.jpeg(seed=200 + i), "image/jpeg") for i in range(6)]
+    uris = [web.data_uri(pics.jpeg(seed=200 + i), "image/jpeg") for i in range(6)]
     clean = worker.run({"data_urls": uris, **FAST})
     chaos = make_worker(tmp_path, BLIP_INJECT_OOM_ABOVE_BATCH="1")
     try:
@@ -163,7 +151,7 @@ def test_corrupted_gpu_asks_runpod_for_a_new_worker(tmp_path, monkeypatch):
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
         monkeypatch.setattr(w.engine, "_generate", broken)
-        out = w.run({"data_url": testlib.data_uri(testlib.jpeg(seed=1), "image/jpeg")})
+        out = w.run({"data_url": web.data_uri(pics.jpeg(seed=1), "image/jpeg")})
         assert out["refresh_worker"] is True and "GPU failed" in out["error"]
     finally:
         w.close()
@@ -171,13 +159,13 @@ def test_corrupted_gpu_asks_runpod_for_a_new_worker(tmp_path, monkeypatch):
 
 def test_progress_is_reported_for_jobs_over_one_batch(worker):
     seen = []
-    uris = [testlib.data_uri(testlib.jpeg(seed=300 + i), "image/jpeg") for i in range(5)]
+    uris = [web.data_uri(pics.jpeg(seed=300 + i), "image/jpeg") for i in range(5)]
     worker.run({"data_urls": uris, "batch_size": 2, **FAST}, progress=lambda d, t: seen.append(d))
     assert seen and seen[-1] == 5 and seen == sorted(seen)
 
 
 def test_output_never_echoes_inline_data(worker):
-    blob = testlib.data_uri(testlib.jpeg(seed=9, size=(400, 300)), "image/jpeg")
+    blob = web.data_uri(pics.jpeg(seed=9, size=(400, 300)), "image/jpeg")
     for job in ({"data_url": blob, **FAST}, {"data_url": blob, "num_beams": "x"},
                 {"data_urls": [blob, "ftp://x"], **FAST}):
         text = json.dumps(worker.run(job))
@@ -193,7 +181,7 @@ def test_non_dict_input_is_a_readable_error(worker):
 def test_injected_cuda_error_fails_only_the_job_that_hit_it(tmp_path):
     w = make_worker(tmp_path, BLIP_INJECT_CUDA_ERROR_PROMPT="corrupt the gpu")
     try:
-        uri = testlib.data_uri(testlib.jpeg(seed=400), "image/jpeg")
+        uri = web.data_uri(pics.jpeg(seed=400), "image/jpeg")
         bad = w.run({"data_url": uri, "prompt": "corrupt the gpu", **FAST})
         good = w.run({"data_url": uri, **FAST})
         assert bad["refresh_worker"] is True and "injected" in bad["error"]
@@ -205,8 +193,8 @@ def test_injected_cuda_error_fails_only_the_job_that_hit_it(tmp_path):
 def test_cancel_stops_a_job_waiting_on_a_slow_download(tmp_path, http_server):
     w = make_worker(tmp_path, DOWNLOAD_DEADLINE_S="60")
     try:
-        slow = http_server.route("/slow.jpg", testlib.drip(testlib.jpeg(seed=1), interval=0.5))
-        fast = testlib.data_uri(testlib.jpeg(seed=2), "image/jpeg")
+        slow = http_server.route("/slow.jpg", web.drip(pics.jpeg(seed=1), interval=0.5))
+        fast = web.data_uri(pics.jpeg(seed=2), "image/jpeg")
         result = {}
         t = threading.Thread(target=lambda: result.update(
             w.run({"data_urls": [fast, slow], **FAST}, "job-cancel")))
@@ -236,7 +224,7 @@ def test_downloaded_files_are_freed_once_decoded(tmp_path, http_server, monkeypa
 
     monkeypatch.setattr(jobs, "decode_image", spy)
     try:
-        urls = [http_server.route(f"/f{i}.png", testlib.body(testlib.png(seed=i))) for i in range(3)]
+        urls = [http_server.route(f"/f{i}.png", web.body(pics.png(seed=i))) for i in range(3)]
         out = w.run({"data_urls": urls, "batch_size": 1, **FAST})
         assert len(out["captions"]) == 3
         assert all(len(files) <= 3 for files in seen)
@@ -251,8 +239,8 @@ def test_a_training_set_zip_with_caption_side_files_is_not_over_the_image_limit(
     try:
         entries = []
         for i in range(3):
-            entries += [(f"set/{i}.jpg", testlib.jpeg(seed=500 + i)), (f"set/{i}.txt", b"old")]
-        out = w.run({"data_url": testlib.data_uri(testlib.make_zip(entries), "application/zip"),
+            entries += [(f"set/{i}.jpg", pics.jpeg(seed=500 + i)), (f"set/{i}.txt", b"old")]
+        out = w.run({"data_url": web.data_uri(make_zip(entries), "application/zip"),
                      **FAST})
         assert len(out["captions"]) == 3 and out["skipped"] == 3
     finally:
@@ -265,11 +253,11 @@ def test_a_job_releases_the_gpu_loop_once_its_last_image_is_queued(tmp_path):
     w = make_worker(tmp_path)
     w.batcher.wait_s = 600.0  # beyond BLIP_BATCH_WAIT_MS's bounds: a hang would be obvious
     try:
-        data = testlib.make_zip([(f"m{i}.png", testlib.png(seed=i)) for i in range(5)])
-        out = w.run({"data_url": testlib.data_uri(data), **FAST}, "job-release")
+        data = make_zip([(f"m{i}.png", pics.png(seed=i)) for i in range(5)])
+        out = w.run({"data_url": web.data_uri(data), **FAST}, "job-release")
         assert len(out["captions"]) == 5 and "errors" not in out
         assert w.batcher.batch_sizes == [5]
-        single = w.run({"data_url": testlib.data_uri(testlib.jpeg(seed=9)), **FAST}, "job-one")
+        single = w.run({"data_url": web.data_uri(pics.jpeg(seed=9)), **FAST}, "job-one")
         assert len(single["captions"]) == 1 and w.batcher.batch_sizes == [5, 1]
     finally:
         w.close()
@@ -307,8 +295,8 @@ def test_no_progress_after_a_cancel_and_a_total_only_once_known(tmp_path, http_s
     monkeypatch.setattr(w.engine, "generate_with_fallback", slow_batches)
     reports: list[tuple[float, int, int | None]] = []
     try:
-        ready = [testlib.data_uri(testlib.jpeg(seed=700 + i), "image/jpeg") for i in range(8)]
-        slow = [http_server.route(f"/late{i}.jpg", testlib.drip(testlib.jpeg(seed=720 + i),
+        ready = [web.data_uri(pics.jpeg(seed=700 + i), "image/jpeg") for i in range(8)]
+        slow = [http_server.route(f"/late{i}.jpg", web.drip(pics.jpeg(seed=720 + i),
                                                                  interval=0.5))
                 for i in range(4)]
         sources = ready + slow  # the job is still reading its inputs when it is cancelled

@@ -20,8 +20,10 @@ import deliver
 import engines as engine_mod
 import jobs
 import schema
-import testlib
-from test_jobs import FAST
+from support import web
+from support import images as pics
+from support.worker import FAST, ApiServer, free_port
+from support.zips import corrupt_entry, make_zip
 
 SECRET = "test-secret-key-never-shown"
 
@@ -166,18 +168,18 @@ def worker(eng, tmp_path_factory):
 
 def nested_zip() -> bytes:
     """Folders, a stem collision, an unsafe name, a corrupt member and a text file."""
-    data = testlib.make_zip([
-        ("shots/a.jpg", testlib.jpeg(seed=1)), ("shots/a.png", testlib.png(seed=2)),
-        ("shots/deep/b.webp", testlib.image_bytes("WEBP", seed=3)),
-        ("../../escape.jpg", testlib.jpeg(seed=4)), ("shots/broken.jpg", testlib.jpeg(seed=5)),
+    data = make_zip([
+        ("shots/a.jpg", pics.jpeg(seed=1)), ("shots/a.png", pics.png(seed=2)),
+        ("shots/deep/b.webp", pics.image_bytes("WEBP", seed=3)),
+        ("../../escape.jpg", pics.jpeg(seed=4)), ("shots/broken.jpg", pics.jpeg(seed=5)),
         ("notes.txt", b"not an image"),
     ])
-    return testlib.corrupt_entry(data, "shots/broken.jpg")
+    return corrupt_entry(data, "shots/broken.jpg")
 
 
 def test_a_zip_gives_a_zip_of_captions_mirroring_its_folders(worker, caplog):
     caplog.set_level(logging.INFO)
-    out = worker.run({"data_url": testlib.data_uri(nested_zip(), "application/zip"),
+    out = worker.run({"data_url": web.data_uri(nested_zip(), "application/zip"),
                       "output_format": "zip", **FAST}, "job-zip")
     files = inline_zip(out)
     caps = captions_by_path(out)
@@ -191,12 +193,12 @@ def test_a_zip_gives_a_zip_of_captions_mirroring_its_folders(worker, caplog):
 
 
 def test_several_sources_get_a_folder_per_zip_and_url_names(worker, http_server):
-    zip_url = http_server.route("/sets/photos.zip", testlib.body(testlib.make_zip(
-        [("x/one.jpg", testlib.jpeg(seed=10)), ("two.png", testlib.png(seed=11))])))
-    cat_url = http_server.route("/img/cat%20pic.jpg", testlib.body(testlib.jpeg(seed=12)))
-    gone = http_server.route("/img/gone.jpg", testlib.status(404))
-    inline = testlib.data_uri(testlib.make_zip([("three.jpg", testlib.jpeg(seed=13))]))
-    sources = [zip_url, cat_url + "?size=big", testlib.data_uri(testlib.jpeg(seed=14)), gone,
+    zip_url = http_server.route("/sets/photos.zip", web.body(make_zip(
+        [("x/one.jpg", pics.jpeg(seed=10)), ("two.png", pics.png(seed=11))])))
+    cat_url = http_server.route("/img/cat%20pic.jpg", web.body(pics.jpeg(seed=12)))
+    gone = http_server.route("/img/gone.jpg", web.status(404))
+    inline = web.data_uri(make_zip([("three.jpg", pics.jpeg(seed=13))]))
+    sources = [zip_url, cat_url + "?size=big", web.data_uri(pics.jpeg(seed=14)), gone,
                zip_url, inline]
     out = worker.run({"data_urls": sources, "output_format": "zip", **FAST}, "job-many")
     files = inline_zip(out)
@@ -211,7 +213,7 @@ def test_several_sources_get_a_folder_per_zip_and_url_names(worker, http_server)
 
 
 def test_alternatives_follow_the_caption_one_per_line(worker):
-    out = worker.run({"data_urls": [testlib.data_uri(testlib.jpeg(seed=20))],
+    out = worker.run({"data_urls": [web.data_uri(pics.jpeg(seed=20))],
                       "output_format": "zip", "num_beams": 4, "num_captions": 3,
                       "max_length": 8, "include_prompt": True, "prompt": "a\nphoto of"}, "job-alt")
     (text,) = inline_zip(out).values()
@@ -222,7 +224,7 @@ def test_alternatives_follow_the_caption_one_per_line(worker):
 
 
 def test_json_stays_the_default(worker):
-    out = worker.run({"data_url": testlib.data_uri(testlib.jpeg(seed=21)), **FAST})
+    out = worker.run({"data_url": web.data_uri(pics.jpeg(seed=21)), **FAST})
     assert not [k for k in out if k.startswith("captions_zip")]
 
 
@@ -250,7 +252,7 @@ def test_upload_returns_a_presigned_link_to_the_zip(eng, tmp_path, s3):
     endpoint, client = s3
     w = make_worker(eng, tmp_path, **bucket_env(endpoint, "captions"))
     try:
-        out = w.run({"data_url": testlib.data_uri(nested_zip(), "application/zip"),
+        out = w.run({"data_url": web.data_uri(nested_zip(), "application/zip"),
                      "output_format": "zip", **FAST}, "job-s3")
     finally:
         w.close()
@@ -267,7 +269,7 @@ def test_upload_returns_a_presigned_link_to_the_zip(eng, tmp_path, s3):
 def test_a_failed_upload_is_reported_and_the_captions_stay(s3, caplog, where):
     endpoint, _ = s3
     if where == "nothing listening":
-        endpoint = f"http://127.0.0.1:{testlib.free_port()}"
+        endpoint = f"http://127.0.0.1:{free_port()}"
     bucket = "no-such-bucket" if where == "missing bucket" else "captions"
     out = zip_fields(config.Config.from_env(bucket_env(endpoint, bucket)))
     message = out["captions_zip_error"]
@@ -278,8 +280,8 @@ def test_a_failed_upload_is_reported_and_the_captions_stay(s3, caplog, where):
 
 def test_upload_through_the_local_api(s3, tmp_path):
     endpoint, _ = s3
-    uri = testlib.data_uri(testlib.make_zip([("d/p.jpg", testlib.jpeg(seed=30))]))
-    with testlib.ApiServer(tmp_path / "api.log", **bucket_env(endpoint, "captions")) as api:
+    uri = web.data_uri(make_zip([("d/p.jpg", pics.jpeg(seed=30))]))
+    with ApiServer(tmp_path / "api.log", **bucket_env(endpoint, "captions")) as api:
         answer = api.runsync({"data_url": uri, "output_format": "zip", **FAST})
         log_text = api.output()
     assert answer["status"] == "COMPLETED", answer
@@ -294,8 +296,8 @@ def test_caption_file_names_come_from_raw_member_names_not_display_labels():
     cfg = config.Config.from_env({"BLIP_MODEL": "tiny-random", "BLIP_WARMUP": "0"})
     w = jobs.Worker(cfg, engine_mod.load_engine(cfg))
     try:
-        data = testlib.make_zip([("shots/a\x01b.jpg", testlib.jpeg(seed=1))])
-        out = w.run({"data_url": testlib.data_uri(data, "application/zip"), "output_format": "zip",
+        data = make_zip([("shots/a\x01b.jpg", pics.jpeg(seed=1))])
+        out = w.run({"data_url": web.data_uri(data, "application/zip"), "output_format": "zip",
                      "num_beams": 1, "max_length": 5})
         assert out["captions"][0]["image_path"] == "shots/a\\x01b.jpg"
         names = zipfile.ZipFile(io.BytesIO(base64.b64decode(out["captions_zip"]))).namelist()

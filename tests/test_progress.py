@@ -10,8 +10,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-import testlib
-from test_jobs import FAST
+from support import web
+from support import images as pics
+from support.worker import FAST, ApiServer
 
 IMAGES = 6
 BATCH = 2  # the job's batch_size: 3 batches or more, so the job is over one batch
@@ -75,13 +76,13 @@ def endpoint():
 @pytest.fixture(scope="module")
 def api(endpoint, tmp_path_factory):
     url = f"http://127.0.0.1:{endpoint.server_address[1]}/progress?id=$ID"
-    with testlib.ApiServer(tmp_path_factory.mktemp("progress") / "api.log",
-                           RUNPOD_WEBHOOK_POST_OUTPUT=url) as server:
+    with ApiServer(tmp_path_factory.mktemp("progress") / "api.log",
+                   RUNPOD_WEBHOOK_POST_OUTPUT=url) as server:
         yield server
 
 
 def run_job(api) -> dict:
-    uris = [testlib.data_uri(testlib.jpeg(seed=500 + i), "image/jpeg") for i in range(IMAGES)]
+    uris = [web.data_uri(pics.jpeg(seed=500 + i), "image/jpeg") for i in range(IMAGES)]
     started = time.monotonic()
     answer = api.post("/runsync", {"input": {"data_urls": uris, "batch_size": BATCH, **FAST}},
                       timeout=60)

@@ -17,13 +17,15 @@ from typing import Callable
 import pytest
 import runpod
 
-import testlib
+from support import web
+from support import images as pics
 from support.runpod_sim import RunPodSim, WorkerProcess
+from support.worker import FAST, REPO
+from support.zips import make_zip
 
 CONCURRENT = 4
 BATCH = 2
 POISON = "POISON"
-FAST = {"num_beams": 2, "max_length": 8, "min_length": 2}
 # 0.1-0.3 s per batch of 2 on these CPUs: a job of a few batches is observable while it runs
 SLOW = {"num_beams": 3, "max_length": 30, "min_length": 30}
 # about 0.35 s per batch: far longer than a cancel takes to reach the worker (tens of ms)
@@ -41,7 +43,7 @@ def sim():
 @pytest.fixture(scope="module")
 def shared_worker(sim, tmp_path_factory):
     log = tmp_path_factory.mktemp("worker") / "worker.log"
-    with WorkerProcess(sim, "w-loop", testlib.REPO, log_path=log,
+    with WorkerProcess(sim, "w-loop", REPO, log_path=log,
                        MAX_CONCURRENT_JOBS=str(CONCURRENT), BLIP_MAX_BATCH_SIZE=str(BATCH),
                        BLIP_INJECT_CUDA_ERROR_PROMPT=POISON) as w:
         w.start().wait_ready()
@@ -67,7 +69,7 @@ def status(ep: runpod.Endpoint, job_id: str) -> dict:
 
 
 def uri(seed: int) -> str:
-    return testlib.data_uri(testlib.jpeg(seed), "image/jpeg")
+    return web.data_uri(pics.jpeg(seed), "image/jpeg")
 
 
 def counts(text: str) -> tuple[int, int | None]:
@@ -87,7 +89,7 @@ def gate_route(release: threading.Event, data: bytes):
     """A route that answers only once ``release`` is set (30 s at most)."""
     def serve(h) -> None:
         release.wait(30)
-        testlib.body(data, "image/jpeg")(h)
+        web.body(data, "image/jpeg")(h)
     return serve
 
 
@@ -99,7 +101,7 @@ def test_several_jobs_in_progress_at_once_from_one_take_batch(sim, worker, ep, h
     ids = []
     for k in range(CONCURRENT):
         slow = http_server.route(f"/slow/{k}.jpg",
-                                 testlib.delay(2.0, testlib.body(testlib.jpeg(k), "image/jpeg")))
+                                 web.delay(2.0, web.body(pics.jpeg(k), "image/jpeg")))
         ids.append(ep.run({"data_urls": [uri(10 + k), uri(20 + k), slow], **FAST}).job_id)
     sim.pause_takes(False)
     sim.wait_for(finished(*ids), timeout=60)
@@ -149,11 +151,11 @@ def test_cancel_stops_the_job_and_its_progress(sim, worker, ep, http_server):
     the total counted only the images queued before the cancel)."""
     members = 60
     real_images = members + 1  # the zip's members and one image behind a gate
-    data = testlib.make_zip([(f"d/{i:02d}.jpg", testlib.jpeg(i)) for i in range(members)])
+    data = make_zip([(f"d/{i:02d}.jpg", pics.jpeg(i)) for i in range(members)])
     release = threading.Event()
     try:
-        zip_url = http_server.route("/cancel/sixty.zip", testlib.body(data, "application/zip"))
-        gate = http_server.route("/cancel/gate.jpg", gate_route(release, testlib.jpeg(99)))
+        zip_url = http_server.route("/cancel/sixty.zip", web.body(data, "application/zip"))
+        gate = http_server.route("/cancel/gate.jpg", gate_route(release, pics.jpeg(99)))
         job = ep.run({"data_urls": [zip_url, gate], **SLOWER})
         # cancel right after an update: the next batch ends ~0.35 s later, long after the
         # worker has the cancel, so an update posted after it is the worker's, not a race
@@ -217,9 +219,9 @@ def terminated(sim, shared_worker, ep):
     more job while that take is still held. {name: value} of what happened."""
     w = shared_worker
     assert w.alive()
-    with testlib.LocalServer() as server:
-        slow = [server.route(f"/term/{k}.jpg", testlib.delay(2.0, testlib.body(
-            testlib.jpeg(50 + k), "image/jpeg"))) for k in range(2)]
+    with web.LocalServer() as server:
+        slow = [server.route(f"/term/{k}.jpg", web.delay(2.0, web.body(
+            pics.jpeg(50 + k), "image/jpeg"))) for k in range(2)]
         early = [ep.run({"data_urls": [uri(60 + k), url], **FAST}).job_id
                  for k, url in enumerate(slow)]
         sim.wait_for(lambda s: all(s.job(i).status == "IN_PROGRESS" for i in early), 30)

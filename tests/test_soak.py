@@ -1,7 +1,7 @@
 """Load, soak and faults on the real local API (``src/handler.py --rp_serve_api``, tiny model):
 ``make soak``, a few minutes on two cores; ``SOAK_SCALE=0.25 make soak`` shortens it.
 
-- 8 clients x 200 jobs of mixed shapes (``testlib.LoadMix``: one image to 50-image zips, bad
+- 8 clients x 200 jobs of mixed shapes (``support.load.LoadMix``: one image to 50-image zips, bad
   members, 404s, bad files, jobs whose every download fails, one a slow drip): every job is
   answered exactly as it must be, every caption equals its image's caption alone, every bad
   image is a named error; memory, threads, descriptors and the work directory come back.
@@ -30,8 +30,8 @@ import time
 
 import pytest
 
-import testlib as T
-from test_jobs import FAST
+from support import load
+from support.worker import FAST, ApiServer, api_output, proc_figures
 
 pytestmark = pytest.mark.soak
 
@@ -45,8 +45,8 @@ SERVER_ENV = {"DOWNLOAD_DEADLINE_S": str(DEADLINE_S), "DOWNLOAD_RETRY_BACKOFF_S"
 RSS_SLACK_MIB = 64
 
 
-def runner(api: T.ApiServer):
-    return lambda job_input: T.api_output(api.runsync(job_input))
+def runner(api: ApiServer):
+    return lambda job_input: api_output(api.runsync(job_input))
 
 
 class Sampler:
@@ -59,7 +59,7 @@ class Sampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
-            now = T.proc_figures(self.pid)
+            now = proc_figures(self.pid)
             self.peak = {k: max(v, now[k]) for k, v in self.peak.items()}
 
     def __enter__(self) -> "Sampler":
@@ -79,31 +79,31 @@ def report(capsys, text: str) -> None:
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
     work = tmp_path_factory.mktemp("soak")
-    with T.ApiServer(work / "server.log", **SERVER_ENV, WORK_DIR=str(work / "jobs")) as server:
+    with ApiServer(work / "server.log", **SERVER_ENV, WORK_DIR=str(work / "jobs")) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
 def captions(api):
-    return T.pool_captions(runner(api), FAST)
+    return load.pool_captions(runner(api), FAST)
 
 
 def test_soak_every_job_answered_every_image_captioned_nothing_leaks(api, captions, http_server,
                                                                      capsys):
     run, pid, work = runner(api), api.proc.pid, api.env["WORK_DIR"]
-    mix = T.LoadMix(http_server, FAST, seed=1, prefix="soak", drip=True)
-    warm = T.run_load(run, mix.jobs(JOBS // 8), CLIENTS)
-    assert T.load_problems(warm, captions) == []
-    base = T.proc_figures(pid)
+    mix = load.LoadMix(http_server, FAST, seed=1, prefix="soak", drip=True)
+    warm = load.run_load(run, mix.jobs(JOBS // 8), CLIENTS)
+    assert load.load_problems(warm, captions) == []
+    base = proc_figures(pid)
     halves, figures, started = [], [], time.monotonic()
     with Sampler(pid) as sampler:
         for _ in range(2):
             jobs = mix.jobs(JOBS // 2)
-            halves.append(T.run_load(run, jobs, CLIENTS))
-            figures.append(T.proc_figures(pid))
+            halves.append(load.run_load(run, jobs, CLIENTS))
+            figures.append(proc_figures(pid))
     duration = time.monotonic() - started
     results = halves[0] + halves[1]
-    problems = T.load_problems(results, captions)
+    problems = load.load_problems(results, captions)
     images = sum(job.images for job, _, _ in results)
     bad = sum(len(out.get("errors", [])) for _, out, _ in results)
     failed = sum("error" in out for _, out, _ in results)
@@ -127,39 +127,39 @@ def test_failing_jobs_do_not_slow_the_jobs_beside_them(api, captions, http_serve
     failing jobs hold a slot but never a neighbour's. Bound: identical answers, no neighbour
     half the deadline slower than alone, median latency at most doubled plus 0.25 s."""
     run = runner(api)
-    mix = T.LoadMix(http_server, FAST, seed=2, prefix="beside", drip=True)
+    mix = load.LoadMix(http_server, FAST, seed=2, prefix="beside", drip=True)
     jobs = mix.jobs(max(15, JOBS // 20), kinds=("url", "inline", "list", "zip"))
-    alone, beside, failed = T.load_beside_failures(run, mix, jobs, clients=3, failing_clients=1)
+    alone, beside, failed = load.load_beside_failures(run, mix, jobs, clients=3, failing_clients=1)
     before = statistics.median(s for _, _, s in alone)
     after = statistics.median(s for _, _, s in beside)
     slowest = max(s for _, _, s in beside)
     report(capsys, f"{len(jobs)} jobs beside {len(failed)} failing ones: median latency "
                    f"{before:.2f} s alone, {after:.2f} s beside; slowest {slowest:.2f} s")
-    assert T.load_problems(alone + beside + failed, captions) == []
+    assert load.load_problems(alone + beside + failed, captions) == []
     assert failed  # each lasts the deadline: they ran while the jobs beside them did
-    assert T.slowed(alone, beside, by=DEADLINE_S / 2) == []
+    assert load.slowed(alone, beside, by=DEADLINE_S / 2) == []
     assert after <= 2 * before + 0.25, (before, after)
 
 
 def test_injected_oom_and_a_corrupted_gpu_during_load(tmp_path, http_server, capsys):
     env = {**SERVER_ENV, "BLIP_INJECT_OOM_ABOVE_BATCH": "2",
            "BLIP_INJECT_CUDA_ERROR_PROMPT": POISON}
-    with T.ApiServer(tmp_path / "chaos.log", **env, WORK_DIR=str(tmp_path / "jobs")) as chaos:
+    with ApiServer(tmp_path / "chaos.log", **env, WORK_DIR=str(tmp_path / "jobs")) as chaos:
         run = runner(chaos)
-        captions = T.pool_captions(run, FAST)  # alone: batches of one never run out of memory
-        mix = T.LoadMix(http_server, FAST, seed=3, prefix="chaos", poison=POISON)
+        captions = load.pool_captions(run, FAST)  # alone: batches of one never run out of memory
+        mix = load.LoadMix(http_server, FAST, seed=3, prefix="chaos", poison=POISON)
         jobs = mix.jobs(max(CLIENTS * 5, JOBS // 8)) + mix.jobs(CLIENTS, kinds=("poison",))
         mix.rng.shuffle(jobs)
         started = time.monotonic()
-        results = T.run_load(run, jobs, CLIENTS)
+        results = load.run_load(run, jobs, CLIENTS)
         duration = time.monotonic() - started
         log = chaos.output()
         assert os.listdir(chaos.env["WORK_DIR"]) == []
-    poisoned = sum(job.fails == T.GPU_FAILED for job in jobs)
+    poisoned = sum(job.fails == load.GPU_FAILED for job in jobs)
     report(capsys, f"chaos: {len(jobs)} jobs ({poisoned} poisoned), "
                    f"{sum(j.images for j in jobs)} images in {duration:.0f} s; "
                    f"{log.count('out of memory at batch')} out-of-memory retries")
-    assert T.load_problems(results, captions) == []
+    assert load.load_problems(results, captions) == []
     # after one, the reduced batch is kept until the queue drains: few, but during the load
     assert log.count("out of memory at batch") >= 1
     assert log.count("GPU failure, asking RunPod to replace this worker") == poisoned

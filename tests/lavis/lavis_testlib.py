@@ -2,7 +2,7 @@
 
 - ``tiny_cfg(**env)``: a Config for the tiny LAVIS model plus extra settings.
 - ``sharing(engine, **env)``: another LavisEngine on the same loaded model, other settings.
-- ``pictures(n)``: n distinct pictures (testlib.picture, the same the transformers tests use).
+- ``pictures(n)``: n distinct pictures (support.images.picture, as the transformers tests).
 - ``GenerateRecorder``: records what LAVIS's OPT ``generate`` returned, to count new tokens
   exactly (the tiny tokenizer is byte level: one character per token, but captions are stripped).
 """
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-import testlib
 from config import Config
 from engines.lavis_engine import LavisEngine
+from support import images as pics
 
 
 def tiny_cfg(**env: str) -> Config:
@@ -25,7 +25,7 @@ def sharing(engine: LavisEngine, **env: str) -> LavisEngine:
 
 
 def pictures(n: int, start: int = 0):
-    return [testlib.picture(seed) for seed in range(start, start + n)]
+    return [pics.picture(seed) for seed in range(start, start + n)]
 
 
 def captions(results) -> list[str]:

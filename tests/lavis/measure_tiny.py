@@ -25,9 +25,9 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 import torch  # noqa: E402
 
 import engines  # noqa: E402
-import testlib  # noqa: E402
 from config import Config  # noqa: E402
 from params import GenerationParams  # noqa: E402
+from support import images as pics  # noqa: E402
 
 IMAGES = 16
 REPEATS = 5
@@ -43,7 +43,7 @@ def load(env: dict[str, str]) -> engines.BaseEngine:
 def measure(name: str, eng: engines.BaseEngine, loads: dict[str, float]) -> None:
     print(json.dumps({"engine": name, "threads": torch.get_num_threads(),
                       **{k: round(v, 3) for k, v in loads.items()}}))
-    images = [testlib.picture(seed, (640, 480)) for seed in range(IMAGES)]
+    images = [pics.picture(seed, (640, 480)) for seed in range(IMAGES)]
     eng.caption(images[:2], SETTINGS["greedy"], batch_size=2)  # first-call costs
     for label, params in SETTINGS.items():
         for batch in (1, 8):

@@ -239,6 +239,7 @@ def test_our_modules_resolve_to_our_files_in_this_venv():
     for path in (ROOT / "src").glob("*.py"):
         spec = importlib.util.find_spec(path.stem)
         assert spec and Path(spec.origin) == path, (path.stem, spec and spec.origin)
-    for name, folder in (("testlib", "tests"), ("lavis_testlib", "tests/lavis")):
-        assert Path(sys.modules[name].__file__) == ROOT / folder / f"{name}.py"
+    for name, path in (("support.images", "tests/support/images.py"),
+                       ("lavis_testlib", "tests/lavis/lavis_testlib.py")):
+        assert Path(sys.modules[name].__file__) == ROOT / path
     assert Path(__file__).parent == ROOT / "tests" / "lavis"

@@ -585,7 +585,7 @@ def _only(rest: list[str]) -> str:
 class WorkerProcess:
     """``python src/handler.py`` in production mode, taking jobs from ``sim`` as ``worker_id``.
 
-    Environment: ``testlib.worker_env`` (tiny model, private download URLs allowed, no
+    Environment: ``support.worker.worker_env`` (tiny model, private download URLs allowed, no
     proxies), then ``DEFAULTS``, then ``sim.worker_env(worker_id)``, then ``env``. Its stdout
     and stderr go to a file (``log()``). It runs in its own process group: ``kill`` (SIGKILL)
     and leaving the ``with`` block end the whole group, including runpod's heartbeat process,
@@ -601,10 +601,10 @@ class WorkerProcess:
 
     def __init__(self, sim: RunPodSim, worker_id: str, repo_root: Path | None = None,
                  log_path: Path | None = None, **env: str):
-        import testlib
+        from support.worker import REPO, worker_env
         self.sim, self.worker_id = sim, worker_id
-        self.repo_root = Path(repo_root or testlib.REPO)
-        self.env = testlib.worker_env(**{**self.DEFAULTS, **sim.worker_env(worker_id), **env})
+        self.repo_root = Path(repo_root or REPO)
+        self.env = worker_env(**{**self.DEFAULTS, **sim.worker_env(worker_id), **env})
         if log_path is None:
             log_path = Path(tempfile.mkdtemp(prefix=f"worker-{worker_id}-")) / "worker.log"
         self.log_path = Path(log_path)
