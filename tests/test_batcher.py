@@ -155,13 +155,15 @@ def test_progress_is_called_once_per_job_per_batch_before_results(eng):
             self.futures = []
 
         def on_batch(self, n):
-            self.calls.append((n, all(f.done() for f in self.futures)))
+            futures = list(self.futures)  # those submitted so far
+            self.calls.append((n, bool(futures) and all(f.done() for f in futures)))
 
     b = Batcher(eng, wait_ms=200).start()
     try:
         job = Job()
-        job.futures = [b.submit(eng.preprocess(im), "a photo of", GREEDY, 8, job.on_batch)
-                       for im in distinct_images(4)]
+        pixels = [eng.preprocess(im) for im in distinct_images(4)]
+        for px in pixels:  # each future is listed before a batch can finish it
+            job.futures.append(b.submit(px, "a photo of", GREEDY, 8, job.on_batch))
         for f in job.futures:
             f.result(timeout=60)
     finally:
