@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,7 @@ from inputs import ImageSource, decode_image
 from support import web
 from support import images as pics
 from support.runpod_sim import RunPodSim, WorkerProcess
+from support.s3 import moto_bucket
 from support.worker import REPO, free_port
 from support.zips import make_zip
 
@@ -394,7 +394,7 @@ def test_two_workers_300_mixed_images_each_exactly_once(sim, fleet, tmp_path, mo
     assert f"captioned {len(good)}, failed {len(broken)}" in stdout
     # run again: nothing is sent, nothing is written twice
     code, stdout, _ = run_main(monkeypatch, capsys, sim, tmp_path / "ds", "--out", out, *FAST)
-    assert code == 1 and f"skipped 300" in stdout and "(+20 failed in earlier runs" in stdout
+    assert code == 1 and "skipped 300" in stdout and "(+20 failed in earlier runs" in stdout
     assert len(records(out)) == 300 and not new_jobs(sim, before)[len(jobs):]
 
 
@@ -543,17 +543,8 @@ def test_zip_url_source_members_become_lines_and_resume(sim, http_server, tmp_pa
 
 @pytest.fixture(scope="module")
 def s3_bucket():
-    import boto3
-    from moto.server import ThreadedMotoServer
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id="id", aws_secret_access_key="secret-value")
-    client.create_bucket(Bucket="photos")
-    yield endpoint, client
-    server.stop()
+    with moto_bucket("photos", "id", "secret-value") as server:
+        yield server
 
 
 def test_s3_source(sim, s3_bucket, tmp_path, monkeypatch, capsys):

@@ -9,11 +9,9 @@ import os
 import posixpath
 import zipfile
 
-import boto3
 import pytest
 import requests
 from hypothesis import given, settings, strategies as st
-from moto.server import ThreadedMotoServer
 
 import config
 import deliver
@@ -22,6 +20,7 @@ import jobs
 import schema
 from support import web
 from support import images as pics
+from support.s3 import moto_bucket
 from support.worker import FAST, ApiServer, free_port
 from support.zips import corrupt_entry, make_zip
 
@@ -237,15 +236,8 @@ def bucket_env(endpoint: str, bucket: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def s3():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id="test-key-id", aws_secret_access_key=SECRET)
-    client.create_bucket(Bucket="captions")
-    yield endpoint, client
-    server.stop()
+    with moto_bucket("captions", "test-key-id", SECRET) as server:
+        yield server
 
 
 def test_upload_returns_a_presigned_link_to_the_zip(eng, tmp_path, s3):
