@@ -70,13 +70,16 @@ class _JobState:
         """Report progress after a batch, unless the job was cancelled: a batch already on the
         GPU at a cancel still finishes, but the job has ended for RunPod, and an update posted
         then would describe a job that no longer runs (with a count from before the cancel)."""
-        with self.lock:
+        with self.lock:  # ``cancel`` sets the flag under this lock: no update after it returns
             self.done += n
-            done, total = self.done, self.total
-        if self.cancelled.is_set():
-            return
-        if self.progress is not None and (total is None or total > self.report_every):
-            self.progress(done, total)
+            if self.cancelled.is_set() or self.progress is None:
+                return
+            if self.total is None or self.total > self.report_every:
+                self.progress(self.done, self.total)  # posts from its own thread: quick
+
+    def cancel(self) -> None:
+        with self.lock:
+            self.cancelled.set()
 
 
 class Worker:
@@ -128,7 +131,7 @@ class Worker:
             states = list(self._jobs.get(job_id, ()))
         for state in states:
             log.info("job %s: cancelled", job_id)
-            state.cancelled.set()
+            state.cancel()
             if state.inputs is not None:
                 state.inputs.cancel()
             for f in list(state.gpu):
