@@ -103,9 +103,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("read_timeout_s", "DOWNLOAD_READ_TIMEOUT_S", "float", 30.0,
             "Seconds a download may stall without receiving a byte.", lo=0.01, hi=3600),
     Setting("low_speed_limit", "DOWNLOAD_LOW_SPEED_LIMIT", "int", 1024,
-            "Bytes per second a download must average over `DOWNLOAD_LOW_SPEED_TIME_S`, headers "
-            "included, or it is cut and retried like a stall (curl's --speed-limit; a server "
-            "that drips bytes never trips the read timeout); 0 = off.", lo=0, hi=10**9),
+            "Bytes per second a download must average over `DOWNLOAD_LOW_SPEED_TIME_S`, or it is "
+            "cut and retried like a stall (curl's --speed-limit; a server that drips bytes never "
+            "trips the read timeout). Body bytes count; headers still arriving after the window "
+            "count as too slow. 0 = off.", lo=0, hi=10**9),
     Setting("low_speed_time_s", "DOWNLOAD_LOW_SPEED_TIME_S", "float", 30.0,
             "Seconds over which `DOWNLOAD_LOW_SPEED_LIMIT` is averaged (curl's --speed-time).",
             lo=0.1, hi=3600),

@@ -1,5 +1,5 @@
 """The fast decoder's switches, in one object. The engine builds it from its Config and the
-device (``engine.decode_options``); the benchmark passes its variants' in (``fast-base``, and
+device (``engines.decode_options``); the benchmark passes its variants' in (``fast-base``, and
 scripts comparing one switch). The defaults are a CPU's, with every optimisation that is not
 CUDA-only switched on."""
 from __future__ import annotations
