@@ -9,6 +9,7 @@ SIGKILL, Ctrl-C and exit codes. The worker-kill scenario runs last: it kills one
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -26,7 +27,8 @@ from PIL import Image
 
 import caption_dataset as cd
 import config
-from dataset_client import outcomes, outfiles, packing, sources, work
+from dataset_client import fanout, outcomes, outfiles, packing, sources, work
+from dataset_client.cli import _NoBar
 from dataset_client.endpoint import retry_after
 from inputs import ImageSource, decode_image
 from support import web
@@ -227,6 +229,37 @@ def test_rows_map_worker_labels_back_to_items():
                                                              "caption": "E"}]},
                                         done={("https://h/z.zip", "e.jpg")})
     assert [(r.image_path, r.caption) for r in rows] == [("in/c.jpg", "C")] and not missing
+
+
+SIGNED = ("http://127.0.0.1:9/photos/set/{}.jpg?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-"
+          "Credential=id%2F20240101%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Date=20240101T000000Z"
+          "&X-Amz-Expires=86400&X-Amz-SignedHeaders=host&X-Amz-Signature=" + "ab" * 32)
+
+
+def bare_run(tmp_path: Path, items: list, retries: int = 3) -> "fanout.Run":
+    """A Run whose outcomes are settled by hand (no endpoint): what settle() writes."""
+    out = outfiles.Output("jsonl", str(tmp_path / "o.jsonl"), items)
+    args = argparse.Namespace(max_in_flight=1, retries=retries, preresize=False, image_size=364,
+                              max_body_bytes=packing.MAX_BODY_BYTES, images_per_job=256)
+    run = fanout.Run(args, {}, None, items, out, out.load(), None, _NoBar())
+    run.job_pool.shutdown()
+    run.prep_pool.shutdown()
+    return run
+
+
+def s3_job(n: int) -> tuple[list, "work.Job"]:
+    items = [work.Item(f"s3://photos/set/{i}.jpg", f"s3://photos/set/{i}.jpg", "s3",
+                       f"set/{i}.jpg", bucket="photos") for i in range(n)]
+    return items, work.Job(items, {}, 0, {SIGNED.format(i): it for i, it in enumerate(items)})
+
+
+def test_a_rejected_jobs_reason_is_written_without_presigned_queries(tmp_path):
+    items, job = s3_job(1)
+    run = bare_run(tmp_path, items)
+    run.settle(job, work.Result("rejected", reason="the endpoint refused the job: HTTP 400 on "
+                                                   f"/run (bad url {SIGNED.format(0)})"))
+    [rec] = records(tmp_path / "o.jsonl")
+    assert "refused" in rec["error"] and "X-Amz-" not in rec["error"]
 
 
 def test_retry_after_header():

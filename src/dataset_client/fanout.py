@@ -193,6 +193,10 @@ class Run:
     # -- outcomes (main thread) --
 
     def _record(self, rows: Sequence[Row]) -> None:
+        """Write rows: every reason is cleaned of presigned query strings here, whatever branch
+        made it (a RunPod 4xx body, a worker message, a lost job can quote a URL)."""
+        for r in rows:
+            r.error = self._clean(r.error) if r.error is not None else None
         rows = self.output.write(rows)
         for r in rows:
             if r.error is None:
@@ -247,8 +251,6 @@ class Run:
         if verdict == "ok":
             written = self.existing.done | self.existing.failed  # (retried keys were dropped)
             rows, missing = rows_from_output(job, output, written)
-            for r in rows:
-                r.error = self._clean(r.error) if r.error else None
             if job.zip and not missing:  # the bar counted the zip as one image
                 if getattr(self.progress, "total", None) is not None:
                     self.progress.total += len(rows) - 1
