@@ -27,6 +27,7 @@ from PIL import Image
 
 import caption_dataset as cd
 import config
+import output as worker_output
 from dataset_client import fanout, outcomes, outfiles, packing, sources, work
 from dataset_client.cli import _NoBar
 from dataset_client.endpoint import retry_after
@@ -260,6 +261,18 @@ def test_a_rejected_jobs_reason_is_written_without_presigned_queries(tmp_path):
                                                    f"/run (bad url {SIGNED.format(0)})"))
     [rec] = records(tmp_path / "o.jsonl")
     assert "refused" in rec["error"] and "X-Amz-" not in rec["error"]
+
+
+def test_s3_images_get_their_own_reasons_when_no_image_could_be_captioned(tmp_path):
+    items, job = s3_job(2)
+    message = worker_output.nothing_captioned_message(
+        [{"image_path": SIGNED.format(0), "error": f"HTTP 403 for {SIGNED.format(0)}"},
+         {"image_path": SIGNED.format(1), "error": "not a readable image"}], 0)
+    bare_run(tmp_path, items).settle(job, work.Result("state", state={"status": "FAILED",
+                                                                      "error": message}))
+    errors = {r["source"]: r["error"] for r in records(tmp_path / "o.jsonl")}
+    assert errors == {items[0].source: "HTTP 403 for http://127.0.0.1:9/photos/set/0.jpg?...",
+                      items[1].source: "not a readable image"}
 
 
 def test_retry_after_header():

@@ -261,8 +261,8 @@ class Run:
                 self._resubmit(missing, "the worker's answer did not mention these images")
         elif verdict == "retry":
             self._resubmit(job.items, reason)
-        else:
-            reason = self._clean(reason)
+        else:  # split on the raw message: labels are the URLs as sent (presigned); _record
+            # cleans each piece
             mine = split_reasons(reason, list(job.labels)) if verdict == "all_failed" else {}
             by_item = {id(it): lab for lab, it in job.labels.items()}
             self._record([Row(it, it.source, it.image_path,
