@@ -275,6 +275,18 @@ def test_s3_images_get_their_own_reasons_when_no_image_could_be_captioned(tmp_pa
                       items[1].source: "not a readable image"}
 
 
+def test_a_row_already_written_is_never_written_again(tmp_path):
+    z = work.Item("https://h/z.zip", "https://h/z.zip", "zip", "https://h/z.zip")
+    (tmp_path / "o.jsonl").write_text(json.dumps({"source": z.ref, "image_path": z.ref,
+                                                  "error": "HTTP 404"}) + "\n")
+    run = bare_run(tmp_path, [z], retries=0)
+    job = work.Job([z], {}, 0, {z.ref: z})
+    run.settle(job, work.Result("state", state={"status": "FAILED", "error": "invalid input: x"}))
+    run.settle(job, work.Result("rejected", reason="HTTP 400"))
+    run.settle(job, work.Result("lost", reason="gone"))
+    assert len(records(tmp_path / "o.jsonl")) == 1 and run.stats.failed == 0
+
+
 def test_retry_after_header():
     class R:
         def __init__(self, value):
@@ -585,6 +597,21 @@ def test_zip_url_source_members_become_lines_and_resume(sim, http_server, tmp_pa
                                *FAST)
     assert "captioned 0, failed 1" in stdout, stdout
     assert_exactly_once(records(out), {(url, "a.jpg"), (url, "in/b.png"), (url, "broken.jpg")})
+
+
+def test_a_failed_zip_source_is_neither_rerun_nor_written_twice(sim, http_server, tmp_path,
+                                                               monkeypatch, capsys):
+    url = http_server.url("/gone/photos.zip")
+    out = tmp_path / "o.jsonl"
+    args = [url, "--out", out, "--retries", "0", *FAST]
+    code, _, _ = run_main(monkeypatch, capsys, sim, *args)
+    [rec] = records(out)
+    assert code == 1 and keys_of([rec]) == [(url, url)] and "404" in rec["error"]
+    first, before = out.read_bytes(), {j.id for j in sim.jobs()}
+    code, stdout, _ = run_main(monkeypatch, capsys, sim, *args)
+    assert code == 1 and out.read_bytes() == first and not new_jobs(sim, before), stdout
+    code, stdout, _ = run_main(monkeypatch, capsys, sim, *args, "--retry-failed")
+    assert code == 1 and len(records(out)) == 1 and len(new_jobs(sim, before)) == 1, stdout
 
 
 @pytest.fixture(scope="module")

@@ -193,7 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             failed = any(k[0] == item.source for k in existing.failed)
             if args.retry_failed and failed:
                 retry_keys |= {k for k in existing.failed if k[0] == item.source}
-            elif item.source in existing.sources and existing.tail_source != item.source:
+            elif item.key in existing.failed or (item.source in existing.sources
+                                                 and existing.tail_source != item.source):
+                # its own error (the zip could not be fetched): --retry-failed retries it
                 skipped += 1
                 continue
             todo.append(item)

@@ -106,6 +106,7 @@ class Run:
         self.prep_ahead = 4 * threads
         self.job_pool = ThreadPoolExecutor(args.max_in_flight, thread_name_prefix="job")
         self.running: dict[Future, Job] = {}
+        self.written = existing.done | existing.failed  # keys with a line (retried ones dropped)
 
     # -- building jobs (main thread) --
 
@@ -193,11 +194,18 @@ class Run:
     # -- outcomes (main thread) --
 
     def _record(self, rows: Sequence[Row]) -> None:
-        """Write rows: every reason is cleaned of presigned query strings here, whatever branch
-        made it (a RunPod 4xx body, a worker message, a lost job can quote a URL)."""
+        """Write the rows whose key has no line yet: the one check that no key is written twice,
+        in this run or across runs, whichever branch made the rows. Every reason is cleaned of
+        presigned query strings here (a RunPod 4xx body, a worker message can quote a URL)."""
+        fresh = []
         for r in rows:
-            r.error = self._clean(r.error) if r.error is not None else None
-        rows = self.output.write(rows)
+            if r.key not in self.written:
+                self.written.add(r.key)
+                r.error = self._clean(r.error) if r.error is not None else None
+                fresh.append(r)
+        if len(fresh) < len(rows) and getattr(self.progress, "total", None) is not None:
+            self.progress.total -= len(rows) - len(fresh)  # settled without a new line
+        rows = self.output.write(fresh)
         for r in rows:
             if r.error is None:
                 self.stats.captioned += 1
@@ -249,8 +257,7 @@ class Run:
             if isinstance(timings, dict) and isinstance(timings.get("caption_s"), (int, float)):
                 self.stats.gpu_s += float(timings["caption_s"])
         if verdict == "ok":
-            written = self.existing.done | self.existing.failed  # (retried keys were dropped)
-            rows, missing = rows_from_output(job, output, written)
+            rows, missing = rows_from_output(job, output, self.written)
             if job.zip and not missing:  # the bar counted the zip as one image
                 if getattr(self.progress, "total", None) is not None:
                     self.progress.total += len(rows) - 1
