@@ -232,6 +232,19 @@ def test_rows_map_worker_labels_back_to_items():
     assert [(r.image_path, r.caption) for r in rows] == [("in/c.jpg", "C")] and not missing
 
 
+def test_a_lone_zip_in_a_url_list_and_zips_already_written_count_as_mentioned():
+    z = work.Item("https://h/z.zip", "https://h/z.zip", "url", "https://h/z.zip")
+    b = work.Item("https://h/b.jpg", "https://h/b.jpg", "url", "https://h/b.jpg")
+    alone = work.Job([z], {}, 0, {z.ref: z})  # one source: the worker names members bare
+    rows, missing = outcomes.rows_from_output(alone, {"captions": [
+        {"image_path": "in/c.jpg", "caption": "C"}]}, done=set())
+    assert [(r.source, r.image_path) for r in rows] == [(z.ref, "in/c.jpg")] and not missing
+    job = work.Job([z, b], {}, 0, {it.ref: it for it in (z, b)})
+    rows, missing = outcomes.rows_from_output(job, {"captions": [
+        {"image_path": "https://h/z.zip/c.jpg", "caption": "C"}]}, done={(z.ref, "c.jpg")})
+    assert not rows and missing == [b]  # every member of z was written before: z was answered
+
+
 SIGNED = ("http://127.0.0.1:9/photos/set/{}.jpg?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-"
           "Credential=id%2F20240101%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Date=20240101T000000Z"
           "&X-Amz-Expires=86400&X-Amz-SignedHeaders=host&X-Amz-Signature=" + "ab" * 32)
@@ -612,6 +625,26 @@ def test_a_failed_zip_source_is_neither_rerun_nor_written_twice(sim, http_server
     assert code == 1 and out.read_bytes() == first and not new_jobs(sim, before), stdout
     code, stdout, _ = run_main(monkeypatch, capsys, sim, *args, "--retry-failed")
     assert code == 1 and len(records(out)) == 1 and len(new_jobs(sim, before)) == 1, stdout
+
+
+def test_a_zip_in_a_url_list_gets_its_members_and_resumes(sim, http_server, tmp_path,
+                                                          monkeypatch, capsys):
+    data = make_zip([("a.jpg", pics.jpeg(seed=5)), ("in/b.png", pics.png(seed=6))])
+    zurl = http_server.route("/list/photos.zip", web.body(data, "application/zip"))
+    img = http_server.route("/list/c.jpg", web.body(pics.jpeg(seed=7), "image/jpeg"))
+    (tmp_path / "urls.txt").write_text(f"{zurl}\n{img}\n")
+    out = tmp_path / "o.jsonl"
+    expected = {(zurl, "a.jpg"), (zurl, "in/b.png"), (img, img)}
+    for per_job in ("1", "2"):  # the zip alone in its job (members named bare), or with c.jpg
+        out.unlink(missing_ok=True)
+        args = [tmp_path / "urls.txt", "--out", out, "--images-per-job", per_job,
+                "--retries", "1", *FAST]
+        code, _, err = run_main(monkeypatch, capsys, sim, *args)
+        assert code == 0, err
+        assert_exactly_once(records(out), expected)
+        first = out.read_bytes()
+        code, stdout, err = run_main(monkeypatch, capsys, sim, *args)
+        assert code == 0 and out.read_bytes() == first, stdout + err
 
 
 @pytest.fixture(scope="module")

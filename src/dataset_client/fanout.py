@@ -193,18 +193,21 @@ class Run:
 
     # -- outcomes (main thread) --
 
-    def _record(self, rows: Sequence[Row]) -> None:
+    def _record(self, rows: Sequence[Row], settled: int | None = None) -> None:
         """Write the rows whose key has no line yet: the one check that no key is written twice,
         in this run or across runs, whichever branch made the rows. Every reason is cleaned of
-        presigned query strings here (a RunPod 4xx body, a worker message can quote a URL)."""
+        presigned query strings here (a RunPod 4xx body, a worker message can quote a URL).
+        ``settled``: how many of the bar's items the rows settle (one a row; a zip counts as
+        one item until its members are known)."""
         fresh = []
         for r in rows:
             if r.key not in self.written:
                 self.written.add(r.key)
                 r.error = self._clean(r.error) if r.error is not None else None
                 fresh.append(r)
-        if len(fresh) < len(rows) and getattr(self.progress, "total", None) is not None:
-            self.progress.total -= len(rows) - len(fresh)  # settled without a new line
+        settled = len(rows) if settled is None else settled
+        if len(fresh) != settled and getattr(self.progress, "total", None) is not None:
+            self.progress.total += len(fresh) - settled
         rows = self.output.write(fresh)
         for r in rows:
             if r.error is None:
@@ -258,12 +261,7 @@ class Run:
                 self.stats.gpu_s += float(timings["caption_s"])
         if verdict == "ok":
             rows, missing = rows_from_output(job, output, self.written)
-            if job.zip and not missing:  # the bar counted the zip as one image
-                if getattr(self.progress, "total", None) is not None:
-                    self.progress.total += len(rows) - 1
-                if not rows:
-                    self.progress.update(1)  # every member was written before
-            self._record(rows)
+            self._record(rows, settled=len(job.items) - len(missing))
             if missing:
                 self._resubmit(missing, "the worker's answer did not mention these images")
         elif verdict == "retry":
