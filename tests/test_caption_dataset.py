@@ -179,6 +179,21 @@ def test_retry_failed_rewrites_without_the_retried_error_lines(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_zip_is_listed_complete_beside_out_until_its_errors_are_retried(tmp_path):
+    path = tmp_path / "o.jsonl"
+    path.write_text(json.dumps({"source": "z", "image_path": "a", "caption": "x"}) + "\n"
+                    + json.dumps({"source": "z", "image_path": "b", "error": "e"}) + "\n")
+    out = outfiles.Output("jsonl", str(path), [])
+    assert out.load().complete == set()
+    out.mark_complete(["z", "y"])
+    assert json.loads((tmp_path / "o.jsonl.zips.json").read_text()) == {"complete": ["y", "z"]}
+    again = outfiles.Output("jsonl", str(path), [])
+    assert again.load().complete == {"z"}  # y has no line in --out: not taken as complete
+    again.forget({("z", "b")})  # the list first: a kill before the rewrite loses nothing
+    assert outfiles.Output("jsonl", str(path), []).load().complete == set()
+    assert keys_of(records(path)) == [("z", "a")] and not list(tmp_path.glob("*.tmp"))
+
+
 @pytest.mark.parametrize("state, verdict", [
     ({"status": "COMPLETED", "output": {"captions": []}}, "ok"),
     ({"status": "COMPLETED", "output": {"captions": [], "refresh_worker": True}}, "retry"),
@@ -642,9 +657,34 @@ def test_a_zip_in_a_url_list_gets_its_members_and_resumes(sim, http_server, tmp_
         code, _, err = run_main(monkeypatch, capsys, sim, *args)
         assert code == 0, err
         assert_exactly_once(records(out), expected)
-        first = out.read_bytes()
+        first, before = out.read_bytes(), {j.id for j in sim.jobs()}
         code, stdout, err = run_main(monkeypatch, capsys, sim, *args)
         assert code == 0 and out.read_bytes() == first, stdout + err
+        assert not new_jobs(sim, before) and "skipped 2" in stdout  # listed complete
+
+
+def test_a_zip_cut_off_by_a_kill_is_completed_wherever_its_lines_are(sim, http_server,
+                                                                     tmp_path, monkeypatch,
+                                                                     capsys):
+    data = make_zip([("a.jpg", pics.jpeg(seed=11)), ("b.jpg", pics.jpeg(seed=12)),
+                     ("c.png", pics.png(seed=13))])
+    url = http_server.route("/cut/photos.zip", web.body(data, "application/zip"))
+    img = http_server.route("/cut/d.jpg", web.body(pics.jpeg(seed=14), "image/jpeg"))
+    (tmp_path / "urls.txt").write_text(img + "\n")
+    out = tmp_path / "o.jsonl"
+    # run 1 was killed mid-way through the zip's block; run 2 wrote another job's line after it
+    # and was killed before the zip's job settled: the zip's lines are no longer the last
+    out.write_text(json.dumps({"source": url, "image_path": "a.jpg", "caption": "x"}) + "\n"
+                   + json.dumps({"source": img, "image_path": img, "caption": "y"}) + "\n")
+    args = [url, tmp_path / "urls.txt", "--out", out, *FAST]
+    code, stdout, err = run_main(monkeypatch, capsys, sim, *args)
+    assert code == 0, err
+    assert_exactly_once(records(out), {(url, "a.jpg"), (url, "b.jpg"), (url, "c.png"),
+                                       (img, img)})
+    assert records(out)[0]["caption"] == "x" and "skipped 1" in stdout, stdout
+    first, before = out.read_bytes(), {j.id for j in sim.jobs()}
+    code, stdout, _ = run_main(monkeypatch, capsys, sim, *args)
+    assert code == 0 and out.read_bytes() == first and not new_jobs(sim, before), stdout
 
 
 @pytest.fixture(scope="module")

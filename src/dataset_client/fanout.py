@@ -24,7 +24,7 @@ from config import Config
 from text import human_size, printable, short
 
 from .endpoint import Fleet
-from .outcomes import classify, rows_from_output, split_reasons
+from .outcomes import answered_zips, classify, rows_from_output, split_reasons
 from .outfiles import Existing, Output
 from .packing import body_bytes, envelope_bytes, json_len, prepare_file
 from .sources import presigned_url
@@ -262,6 +262,7 @@ class Run:
         if verdict == "ok":
             rows, missing = rows_from_output(job, output, self.written)
             self._record(rows, settled=len(job.items) - len(missing))
+            self.output.mark_complete(answered_zips(job, rows, missing))  # their block is flushed
             if missing:
                 self._resubmit(missing, "the worker's answer did not mention these images")
         elif verdict == "retry":

@@ -114,6 +114,14 @@ def rows_from_output(job: Job, output: dict, done: set) -> tuple[list[Row], list
     return rows, [it for it in job.items if id(it) not in mentioned]
 
 
+def answered_zips(job: Job, rows: Sequence[Row], missing: Sequence[Item]) -> list[str]:
+    """The sources a COMPLETED job answered as zips (mentioned, but by member rows only): with
+    this job's rows written, every member of each has its line."""
+    own = {r.key for r in rows}
+    gone = {id(it) for it in missing}
+    return [it.source for it in job.items if id(it) not in gone and it.key not in own]
+
+
 def _member(job: Job, label: str) -> tuple[Item | None, str]:
     """The zip a member's label belongs to, and the member's path. The worker names members
     bare when the job has one source (a zip source's ``data_url``, or a zip alone in its
