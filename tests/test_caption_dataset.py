@@ -9,6 +9,7 @@ SIGKILL, Ctrl-C and exit codes. The worker-kill scenario runs last: it kills one
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -26,7 +27,9 @@ from PIL import Image
 
 import caption_dataset as cd
 import config
-from dataset_client import outcomes, outfiles, packing, sources, work
+import output as worker_output
+from dataset_client import fanout, outcomes, outfiles, packing, sources, work
+from dataset_client.cli import _NoBar
 from dataset_client.endpoint import retry_after
 from inputs import ImageSource, decode_image
 from support import web
@@ -176,6 +179,21 @@ def test_retry_failed_rewrites_without_the_retried_error_lines(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_zip_is_listed_complete_beside_out_until_its_errors_are_retried(tmp_path):
+    path = tmp_path / "o.jsonl"
+    path.write_text(json.dumps({"source": "z", "image_path": "a", "caption": "x"}) + "\n"
+                    + json.dumps({"source": "z", "image_path": "b", "error": "e"}) + "\n")
+    out = outfiles.Output("jsonl", str(path), [])
+    assert out.load().complete == set()
+    out.mark_complete(["z", "y"])
+    assert json.loads((tmp_path / "o.jsonl.zips.json").read_text()) == {"complete": ["y", "z"]}
+    again = outfiles.Output("jsonl", str(path), [])
+    assert again.load().complete == {"z"}  # y has no line in --out: not taken as complete
+    again.forget({("z", "b")})  # the list first: a kill before the rewrite loses nothing
+    assert outfiles.Output("jsonl", str(path), []).load().complete == set()
+    assert keys_of(records(path)) == [("z", "a")] and not list(tmp_path.glob("*.tmp"))
+
+
 @pytest.mark.parametrize("state, verdict", [
     ({"status": "COMPLETED", "output": {"captions": []}}, "ok"),
     ({"status": "COMPLETED", "output": {"captions": [], "refresh_worker": True}}, "retry"),
@@ -227,6 +245,74 @@ def test_rows_map_worker_labels_back_to_items():
                                                              "caption": "E"}]},
                                         done={("https://h/z.zip", "e.jpg")})
     assert [(r.image_path, r.caption) for r in rows] == [("in/c.jpg", "C")] and not missing
+
+
+def test_a_lone_zip_in_a_url_list_and_zips_already_written_count_as_mentioned():
+    z = work.Item("https://h/z.zip", "https://h/z.zip", "url", "https://h/z.zip")
+    b = work.Item("https://h/b.jpg", "https://h/b.jpg", "url", "https://h/b.jpg")
+    alone = work.Job([z], {}, 0, {z.ref: z})  # one source: the worker names members bare
+    rows, missing = outcomes.rows_from_output(alone, {"captions": [
+        {"image_path": "in/c.jpg", "caption": "C"}]}, done=set())
+    assert [(r.source, r.image_path) for r in rows] == [(z.ref, "in/c.jpg")] and not missing
+    job = work.Job([z, b], {}, 0, {it.ref: it for it in (z, b)})
+    rows, missing = outcomes.rows_from_output(job, {"captions": [
+        {"image_path": "https://h/z.zip/c.jpg", "caption": "C"}]}, done={(z.ref, "c.jpg")})
+    assert not rows and missing == [b]  # every member of z was written before: z was answered
+
+
+SIGNED = ("http://127.0.0.1:9/photos/set/{}.jpg?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-"
+          "Credential=id%2F20240101%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Date=20240101T000000Z"
+          "&X-Amz-Expires=86400&X-Amz-SignedHeaders=host&X-Amz-Signature=" + "ab" * 32)
+
+
+def bare_run(tmp_path: Path, items: list, retries: int = 3) -> "fanout.Run":
+    """A Run whose outcomes are settled by hand (no endpoint): what settle() writes."""
+    out = outfiles.Output("jsonl", str(tmp_path / "o.jsonl"), items)
+    args = argparse.Namespace(max_in_flight=1, retries=retries, preresize=False, image_size=364,
+                              max_body_bytes=packing.MAX_BODY_BYTES, images_per_job=256)
+    run = fanout.Run(args, {}, None, items, out, out.load(), None, _NoBar())
+    run.job_pool.shutdown()
+    run.prep_pool.shutdown()
+    return run
+
+
+def s3_job(n: int) -> tuple[list, "work.Job"]:
+    items = [work.Item(f"s3://photos/set/{i}.jpg", f"s3://photos/set/{i}.jpg", "s3",
+                       f"set/{i}.jpg", bucket="photos") for i in range(n)]
+    return items, work.Job(items, {}, 0, {SIGNED.format(i): it for i, it in enumerate(items)})
+
+
+def test_a_rejected_jobs_reason_is_written_without_presigned_queries(tmp_path):
+    items, job = s3_job(1)
+    run = bare_run(tmp_path, items)
+    run.settle(job, work.Result("rejected", reason="the endpoint refused the job: HTTP 400 on "
+                                                   f"/run (bad url {SIGNED.format(0)})"))
+    [rec] = records(tmp_path / "o.jsonl")
+    assert "refused" in rec["error"] and "X-Amz-" not in rec["error"]
+
+
+def test_s3_images_get_their_own_reasons_when_no_image_could_be_captioned(tmp_path):
+    items, job = s3_job(2)
+    message = worker_output.nothing_captioned_message(
+        [{"image_path": SIGNED.format(0), "error": f"HTTP 403 for {SIGNED.format(0)}"},
+         {"image_path": SIGNED.format(1), "error": "not a readable image"}], 0)
+    bare_run(tmp_path, items).settle(job, work.Result("state", state={"status": "FAILED",
+                                                                      "error": message}))
+    errors = {r["source"]: r["error"] for r in records(tmp_path / "o.jsonl")}
+    assert errors == {items[0].source: "HTTP 403 for http://127.0.0.1:9/photos/set/0.jpg?...",
+                      items[1].source: "not a readable image"}
+
+
+def test_a_row_already_written_is_never_written_again(tmp_path):
+    z = work.Item("https://h/z.zip", "https://h/z.zip", "zip", "https://h/z.zip")
+    (tmp_path / "o.jsonl").write_text(json.dumps({"source": z.ref, "image_path": z.ref,
+                                                  "error": "HTTP 404"}) + "\n")
+    run = bare_run(tmp_path, [z], retries=0)
+    job = work.Job([z], {}, 0, {z.ref: z})
+    run.settle(job, work.Result("state", state={"status": "FAILED", "error": "invalid input: x"}))
+    run.settle(job, work.Result("rejected", reason="HTTP 400"))
+    run.settle(job, work.Result("lost", reason="gone"))
+    assert len(records(tmp_path / "o.jsonl")) == 1 and run.stats.failed == 0
 
 
 def test_retry_after_header():
@@ -539,6 +625,66 @@ def test_zip_url_source_members_become_lines_and_resume(sim, http_server, tmp_pa
                                *FAST)
     assert "captioned 0, failed 1" in stdout, stdout
     assert_exactly_once(records(out), {(url, "a.jpg"), (url, "in/b.png"), (url, "broken.jpg")})
+
+
+def test_a_failed_zip_source_is_neither_rerun_nor_written_twice(sim, http_server, tmp_path,
+                                                               monkeypatch, capsys):
+    url = http_server.url("/gone/photos.zip")
+    out = tmp_path / "o.jsonl"
+    args = [url, "--out", out, "--retries", "0", *FAST]
+    code, _, _ = run_main(monkeypatch, capsys, sim, *args)
+    [rec] = records(out)
+    assert code == 1 and keys_of([rec]) == [(url, url)] and "404" in rec["error"]
+    first, before = out.read_bytes(), {j.id for j in sim.jobs()}
+    code, stdout, _ = run_main(monkeypatch, capsys, sim, *args)
+    assert code == 1 and out.read_bytes() == first and not new_jobs(sim, before), stdout
+    code, stdout, _ = run_main(monkeypatch, capsys, sim, *args, "--retry-failed")
+    assert code == 1 and len(records(out)) == 1 and len(new_jobs(sim, before)) == 1, stdout
+
+
+def test_a_zip_in_a_url_list_gets_its_members_and_resumes(sim, http_server, tmp_path,
+                                                          monkeypatch, capsys):
+    data = make_zip([("a.jpg", pics.jpeg(seed=5)), ("in/b.png", pics.png(seed=6))])
+    zurl = http_server.route("/list/photos.zip", web.body(data, "application/zip"))
+    img = http_server.route("/list/c.jpg", web.body(pics.jpeg(seed=7), "image/jpeg"))
+    (tmp_path / "urls.txt").write_text(f"{zurl}\n{img}\n")
+    out = tmp_path / "o.jsonl"
+    expected = {(zurl, "a.jpg"), (zurl, "in/b.png"), (img, img)}
+    for per_job in ("1", "2"):  # the zip alone in its job (members named bare), or with c.jpg
+        out.unlink(missing_ok=True)
+        args = [tmp_path / "urls.txt", "--out", out, "--images-per-job", per_job,
+                "--retries", "1", *FAST]
+        code, _, err = run_main(monkeypatch, capsys, sim, *args)
+        assert code == 0, err
+        assert_exactly_once(records(out), expected)
+        first, before = out.read_bytes(), {j.id for j in sim.jobs()}
+        code, stdout, err = run_main(monkeypatch, capsys, sim, *args)
+        assert code == 0 and out.read_bytes() == first, stdout + err
+        assert not new_jobs(sim, before) and "skipped 2" in stdout  # listed complete
+
+
+def test_a_zip_cut_off_by_a_kill_is_completed_wherever_its_lines_are(sim, http_server,
+                                                                     tmp_path, monkeypatch,
+                                                                     capsys):
+    data = make_zip([("a.jpg", pics.jpeg(seed=11)), ("b.jpg", pics.jpeg(seed=12)),
+                     ("c.png", pics.png(seed=13))])
+    url = http_server.route("/cut/photos.zip", web.body(data, "application/zip"))
+    img = http_server.route("/cut/d.jpg", web.body(pics.jpeg(seed=14), "image/jpeg"))
+    (tmp_path / "urls.txt").write_text(img + "\n")
+    out = tmp_path / "o.jsonl"
+    # run 1 was killed mid-way through the zip's block; run 2 wrote another job's line after it
+    # and was killed before the zip's job settled: the zip's lines are no longer the last
+    out.write_text(json.dumps({"source": url, "image_path": "a.jpg", "caption": "x"}) + "\n"
+                   + json.dumps({"source": img, "image_path": img, "caption": "y"}) + "\n")
+    args = [url, tmp_path / "urls.txt", "--out", out, *FAST]
+    code, stdout, err = run_main(monkeypatch, capsys, sim, *args)
+    assert code == 0, err
+    assert_exactly_once(records(out), {(url, "a.jpg"), (url, "b.jpg"), (url, "c.png"),
+                                       (img, img)})
+    assert records(out)[0]["caption"] == "x" and "skipped 1" in stdout, stdout
+    first, before = out.read_bytes(), {j.id for j in sim.jobs()}
+    code, stdout, _ = run_main(monkeypatch, capsys, sim, *args)
+    assert code == 0 and out.read_bytes() == first and not new_jobs(sim, before), stdout
 
 
 @pytest.fixture(scope="module")

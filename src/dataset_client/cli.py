@@ -29,9 +29,10 @@ from errors import JobError
 
 from .endpoint import Fatal, Fleet
 from .fanout import Run
-from .outfiles import FORMATS, Output, OutputError
+from .outfiles import FORMATS, Existing, Output, OutputError
 from .packing import MAX_BODY_BYTES
 from .sources import UsageError, plan_items, s3_client
+from .work import Item
 
 IMAGES_PER_JOB = 256
 MAX_IN_FLIGHT = 32
@@ -151,6 +152,29 @@ def _install_signals(stop: threading.Event, caught: list) -> Callable[[], None]:
     return lambda: [signal.signal(s, h) for s, h in old.items()]
 
 
+def plan(items: Sequence[Item], existing: Existing,
+         retry_failed: bool) -> tuple[list[Item], int, set]:
+    """What this run sends: (the items to do, how many are skipped, the error keys to retry).
+    An image is skipped when it has a line (an error line unless ``--retry-failed``). A zip (a
+    zip source, or a URL of a list that turned out to be one: its lines are its members') is
+    skipped only when listed complete (``<out>.zips.json``), unless ``--retry-failed`` and it has
+    error lines; one not listed runs again, and only its members without a line are added."""
+    errors: dict[str, set] = {}  # a source's error keys: its own, or its members'
+    for key in existing.failed:
+        errors.setdefault(key[0], set()).add(key)
+    todo, skipped, retry = [], 0, set()
+    for item in items:
+        if retry_failed and item.source in errors:
+            retry |= errors[item.source]
+            todo.append(item)
+        elif (item.key in existing.done or item.key in existing.failed
+              or item.source in existing.complete):
+            skipped += 1
+        else:
+            todo.append(item)
+    return todo, skipped, retry
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     started_cpu = time.process_time()
     try:
@@ -186,34 +210,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if existing.torn:
         print(f"note: dropped a torn last line ({existing.torn} bytes) from {args.out} "
               "(an earlier run was killed while writing)", file=sys.stderr)
-    todo, skipped = [], 0
-    retry_keys: set = set()
-    for item in items:
-        if item.kind == "zip":
-            failed = any(k[0] == item.source for k in existing.failed)
-            if args.retry_failed and failed:
-                retry_keys |= {k for k in existing.failed if k[0] == item.source}
-            elif item.source in existing.sources and existing.tail_source != item.source:
-                skipped += 1
-                continue
-            todo.append(item)
-        elif item.key in existing.done:
-            skipped += 1
-        elif item.key in existing.failed and not args.retry_failed:
-            skipped += 1
-        else:
-            if item.key in existing.failed:
-                retry_keys.add(item.key)
-            todo.append(item)
+    todo, skipped, retry_keys = plan(items, existing, args.retry_failed)
     try:
         if retry_keys:
             output.forget(retry_keys)
             existing.failed -= retry_keys
     except OSError as exc:
         return _usage(f"{args.out}: {exc.strerror or exc}")
-    planned = {it.key for it in items} | {k for k in existing.failed
-                                          if k[0] in {it.source for it in items
-                                                      if it.kind == "zip"}}
     if args.preresize and any(it.kind == "file" for it in todo):
         import preprocess  # noqa: F401 - torch loads here, once, not in the first job's thread
     stop = threading.Event()
@@ -249,7 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     stats.client_cpu_s = time.process_time() - started_cpu
     stats.loop_cpu_s = time.process_time() - loop_cpu
     stats.throttled = fleet.throttled
-    stats.failed_before = len(existing.failed & planned) if not args.retry_failed else 0
+    planned = {it.source for it in items}
+    stats.failed_before = (sum(k[0] in planned for k in existing.failed)
+                           if not args.retry_failed else 0)
     stats.interrupted = bool(caught)
     print(stats.text())
     if args.stats:

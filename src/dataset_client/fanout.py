@@ -24,7 +24,7 @@ from config import Config
 from text import human_size, printable, short
 
 from .endpoint import Fleet
-from .outcomes import classify, rows_from_output, split_reasons
+from .outcomes import answered_zips, classify, rows_from_output, split_reasons
 from .outfiles import Existing, Output
 from .packing import body_bytes, envelope_bytes, json_len, prepare_file
 from .sources import presigned_url
@@ -106,6 +106,7 @@ class Run:
         self.prep_ahead = 4 * threads
         self.job_pool = ThreadPoolExecutor(args.max_in_flight, thread_name_prefix="job")
         self.running: dict[Future, Job] = {}
+        self.written = existing.done | existing.failed  # keys with a line (retried ones dropped)
 
     # -- building jobs (main thread) --
 
@@ -192,8 +193,22 @@ class Run:
 
     # -- outcomes (main thread) --
 
-    def _record(self, rows: Sequence[Row]) -> None:
-        rows = self.output.write(rows)
+    def _record(self, rows: Sequence[Row], settled: int | None = None) -> None:
+        """Write the rows whose key has no line yet: the one check that no key is written twice,
+        in this run or across runs, whichever branch made the rows. Every reason is cleaned of
+        presigned query strings here (a RunPod 4xx body, a worker message can quote a URL).
+        ``settled``: how many of the bar's items the rows settle (one a row; a zip counts as
+        one item until its members are known)."""
+        fresh = []
+        for r in rows:
+            if r.key not in self.written:
+                self.written.add(r.key)
+                r.error = self._clean(r.error) if r.error is not None else None
+                fresh.append(r)
+        settled = len(rows) if settled is None else settled
+        if len(fresh) != settled and getattr(self.progress, "total", None) is not None:
+            self.progress.total += len(fresh) - settled
+        rows = self.output.write(fresh)
         for r in rows:
             if r.error is None:
                 self.stats.captioned += 1
@@ -245,22 +260,15 @@ class Run:
             if isinstance(timings, dict) and isinstance(timings.get("caption_s"), (int, float)):
                 self.stats.gpu_s += float(timings["caption_s"])
         if verdict == "ok":
-            written = self.existing.done | self.existing.failed  # (retried keys were dropped)
-            rows, missing = rows_from_output(job, output, written)
-            for r in rows:
-                r.error = self._clean(r.error) if r.error else None
-            if job.zip and not missing:  # the bar counted the zip as one image
-                if getattr(self.progress, "total", None) is not None:
-                    self.progress.total += len(rows) - 1
-                if not rows:
-                    self.progress.update(1)  # every member was written before
-            self._record(rows)
+            rows, missing = rows_from_output(job, output, self.written)
+            self._record(rows, settled=len(job.items) - len(missing))
+            self.output.mark_complete(answered_zips(job, rows, missing))  # their block is flushed
             if missing:
                 self._resubmit(missing, "the worker's answer did not mention these images")
         elif verdict == "retry":
             self._resubmit(job.items, reason)
-        else:
-            reason = self._clean(reason)
+        else:  # split on the raw message: labels are the URLs as sent (presigned); _record
+            # cleans each piece
             mine = split_reasons(reason, list(job.labels)) if verdict == "all_failed" else {}
             by_item = {id(it): lab for lab, it in job.labels.items()}
             self._record([Row(it, it.source, it.image_path,

@@ -17,7 +17,7 @@ import json
 import re
 from typing import Sequence
 
-from text import printable, short
+from text import short
 
 from .work import Item, Job, Row
 
@@ -87,7 +87,9 @@ def split_reasons(message: str, labels: Sequence[str]) -> dict[str, str]:
 
 
 def rows_from_output(job: Job, output: dict, done: set) -> tuple[list[Row], list[Item]]:
-    """Rows for a COMPLETED job (zip members not in ``done``) and the items it did not mention."""
+    """Rows for a COMPLETED job (those not in ``done``) and the items it did not mention. An
+    item is mentioned by any of its rows, one in ``done`` too (a zip whose members were all
+    written before)."""
     entries = [(e, None) for e in output.get("captions", []) if isinstance(e, dict)]
     entries += [(e, str(e.get("error"))) for e in output.get("errors", []) if isinstance(e, dict)]
     mentioned: dict[int, list[Row]] = {}
@@ -96,24 +98,37 @@ def rows_from_output(job: Job, output: dict, done: set) -> tuple[list[Row], list
         item = job.labels.get(label)
         if item is not None:
             path = item.image_path
-        elif job.zip:
-            item, path = job.items[0], label
-        else:  # a zip inside a URL list: "<url>/<member>"
-            item = next((it for lab, it in job.labels.items() if label.startswith(lab + "/")),
-                        None)
+        else:
+            item, path = _member(job, label)
             if item is None:
                 continue
-            path = label[len(printable(item.ref)) + 1:]
         row = Row(item, item.source, path, error=error)
         if error is None:
             row.caption = str(entry.get("caption", ""))
             if isinstance(entry.get("alternatives"), list):
                 row.alternatives = [str(a) for a in entry["alternatives"]]
-        if row.key in done:
-            continue
-        mentioned.setdefault(id(item), []).append(row)
+        rows_of_item = mentioned.setdefault(id(item), [])
+        if row.key not in done:
+            rows_of_item.append(row)
     rows = [r for item in job.items for r in mentioned.get(id(item), [])]
-    missing = [] if job.zip else [it for it in job.items if id(it) not in mentioned]
-    if job.zip and not entries:
-        missing = list(job.items)
-    return rows, missing
+    return rows, [it for it in job.items if id(it) not in mentioned]
+
+
+def answered_zips(job: Job, rows: Sequence[Row], missing: Sequence[Item]) -> list[str]:
+    """The sources a COMPLETED job answered as zips (mentioned, but by member rows only): with
+    this job's rows written, every member of each has its line."""
+    own = {r.key for r in rows}
+    gone = {id(it) for it in missing}
+    return [it.source for it in job.items if id(it) not in gone and it.key not in own]
+
+
+def _member(job: Job, label: str) -> tuple[Item | None, str]:
+    """The zip a member's label belongs to, and the member's path. The worker names members
+    bare when the job has one source (a zip source's ``data_url``, or a zip alone in its
+    ``data_urls``), else ``<the source's label>/<member>`` (a zip inside a URL list)."""
+    if len(job.items) == 1:
+        return job.items[0], label
+    for prefix, item in job.labels.items():
+        if label.startswith(prefix + "/"):
+            return item, label[len(prefix) + 1:]
+    return None, ""

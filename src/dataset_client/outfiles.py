@@ -16,10 +16,13 @@ Output (``--out``, ``--format``), appended and flushed (and fsynced) after each 
 Resume (every format): on start the existing output is read (for ``txt``, the record), a torn
 last line (a kill mid-write) is dropped, and images already there are skipped; with
 ``--retry-failed`` those recorded with an error are retried: the file is first rewritten
-atomically without their lines, so each image still ends as exactly one line. A zip source is
-skipped when it has lines and they are not the file's last block (only the last block can have
-been cut); otherwise it runs again and only members not yet written are added. Jobs in flight at
-a kill may run twice on the endpoint; the output never holds an image twice.
+atomically without their lines, so each image still ends as exactly one line. A zip (a zip
+source, or a URL of a list that is one) is skipped only when ``<out>.zips.json`` lists it
+complete: it is added there (replaced atomically, fsynced) once the zip's whole block is flushed,
+and taken out before ``--retry-failed`` rewrites its error lines. A zip not listed (a kill cut
+its block, wherever its lines are now) runs again and only members not yet written are added;
+with ``--retry-failed`` a zip with error lines runs again. Jobs in flight at a kill may run twice
+on the endpoint; the output never holds an image twice.
 """
 from __future__ import annotations
 
@@ -54,6 +57,22 @@ def _fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def replace_file(path: str, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically (temporary file, fsync, rename, fsync the
+    folder): a kill leaves the old file or the new one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8", errors="backslashreplace", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def parse_jsonl(data: bytes, name: str) -> tuple[list[dict], int]:
@@ -135,18 +154,7 @@ class LineFile:
         return records
 
     def rewrite(self, records: Sequence[dict]) -> None:
-        """Replace the file atomically (temporary file, fsync, rename)."""
-        tmp = f"{self.path}.{os.getpid()}.tmp"
-        try:
-            with open(tmp, "w", encoding="utf-8", errors="backslashreplace", newline="") as fh:
-                fh.write(self.header() + self.encode(records))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-            _fsync_dir(self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        replace_file(self.path, self.header() + self.encode(records))
 
     def append(self, records: Sequence[dict]) -> None:
         if not records:
@@ -160,6 +168,31 @@ class LineFile:
             os.fsync(fh.fileno())
 
 
+class ZipState:
+    """``<out>.zips.json``, ``{"complete": [source, ...]}``: the zips whose every member has its
+    line in --out. Unreadable or missing, it lists none: every zip with lines runs again, which
+    adds only the members not yet written."""
+
+    def __init__(self, path: str):
+        self.path = f"{path}.zips.json"
+        self.complete: set[str] = set()
+
+    def load(self) -> set[str]:
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                listed = json.load(fh).get("complete", [])
+            self.complete = {s for s in listed if isinstance(s, str)}
+        except (OSError, ValueError, AttributeError, TypeError):
+            self.complete = set()
+        return set(self.complete)
+
+    def update(self, add: Iterable[str] = (), drop: Iterable[str] = ()) -> None:
+        new = (self.complete | set(add)) - set(drop)
+        if new != self.complete:
+            replace_file(self.path, json.dumps({"complete": sorted(new)}, ensure_ascii=False))
+            self.complete = new
+
+
 class Output:
     """One format's files: what is already there (resume) and appending a job's rows."""
 
@@ -169,6 +202,7 @@ class Output:
         self.main = LineFile(path, "csv" if fmt == "csv" else "jsonl")
         stem = os.path.splitext(path)[0]
         self.errors = LineFile(f"{stem}.errors.jsonl") if fmt == "hf" else None
+        self.zips = ZipState(path)
         self._by_file = {it.file_name: it.key for it in items if it.file_name}
         self._record_dir = os.path.dirname(os.path.abspath(path))
         self.records: list[dict] = []
@@ -195,13 +229,18 @@ class Output:
                 continue
             (existing.failed if self.is_error(rec) else existing.done).add(key)
             existing.sources.add(key[0])
-        last = (self.records or [None])[-1]
-        existing.tail_source = self.key_of(last)[0] if last and self.key_of(last) else None
+        existing.complete = self.zips.load() & existing.sources  # (--out replaced: none)
         existing.failed -= existing.done
         return existing
 
+    def mark_complete(self, sources: Iterable[str]) -> None:
+        """List these zips complete: call once their whole block is flushed."""
+        self.zips.update(add=sources)
+
     def forget(self, keys: set) -> None:
-        """Rewrite the files without the error lines of ``keys`` (they are being retried)."""
+        """Rewrite the files without the error lines of ``keys`` (they are being retried); their
+        zips are first taken off the complete list, so a kill in between loses no member."""
+        self.zips.update(drop={k[0] for k in keys})
         def keep(recs):
             return [r for r in recs if not (self.is_error(r) and self.key_of(r) in keys)]
         kept = keep(self.records)
@@ -257,5 +296,5 @@ class Existing:
     done: set = field(default_factory=set)  # keys captioned
     failed: set = field(default_factory=set)  # keys recorded with an error
     sources: set = field(default_factory=set)  # sources with any line (zips)
-    tail_source: str | None = None  # the source of the file's last line
+    complete: set = field(default_factory=set)  # zips with every member's line (<out>.zips.json)
     torn: int = 0
