@@ -18,3 +18,11 @@ def http_server(_local_server, monkeypatch):
     web.allow_private_urls(monkeypatch)
     _local_server.reset()
     return _local_server
+
+
+@pytest.fixture(scope="session")
+def chatty_dir(tmp_path_factory):
+    """A tiny checkpoint on disk that suppresses nothing and ends captions early
+    (``support.checkpoints.save_chatty``): load it with ``BLIP_MODEL=<this dir>``."""
+    from support import checkpoints
+    return checkpoints.save_chatty(tmp_path_factory.mktemp("chatty"))

@@ -12,6 +12,7 @@ import testing_models
 from engines import TransformersEngine
 from errors import FatalDeviceError, ModelLoadError
 from params import CaptionResult, GenerationParams
+from support import checkpoints
 from support.images import distinct_images
 
 GREEDY = GenerationParams(num_beams=1, max_length=12, min_length=5)
@@ -114,6 +115,29 @@ def test_mixed_prompts_in_one_batch_match_captioning_alone(engine):
     together = captions(engine.caption(imgs, BEAMS3, prompts=prompts, batch_size=3))
     alone = [captions(engine.caption([im], BEAMS3, prompts=p))[0] for im, p in zip(imgs, prompts)]
     assert together == alone
+
+
+@pytest.fixture(scope="module", params=["fast", "hf"])
+def chatty_engine(request, chatty_dir):
+    """Each decoder on the checkpoint that suppresses nothing (``support.checkpoints``),
+    loaded from disk as a user's model is."""
+    return engine_mod.load_engine(config.Config.from_env(
+        {"BLIP_MODEL": str(chatty_dir), "BLIP_WARMUP": "0", "BLIP_DECODER": request.param}))
+
+
+@pytest.mark.parametrize("params", checkpoints.MIXES[::3],
+                         ids=[checkpoints.mix_id(p) for p in checkpoints.MIXES[::3]])
+def test_a_caption_never_depends_on_its_batch(chatty_engine, params):
+    # six prompts of different lengths in one batch (left padding), against each image alone,
+    # on a model where <pad> and early eos matter; beams 1-10 over the ten mixes
+    imgs, prompts = distinct_images(len(checkpoints.PROMPTS)), checkpoints.PROMPTS
+    assert chatty_engine.decoder == chatty_engine.cfg.decoder
+    together = [r.captions for r in chatty_engine.caption(imgs, params, prompts=prompts,
+                                                           batch_size=len(imgs))]
+    alone = [chatty_engine.caption([im], params, prompts=p)[0].captions
+             for im, p in zip(imgs, prompts)]
+    assert together == alone
+    assert all(len(c) == params.num_captions for c in together)
 
 
 def test_caption_excludes_prompt_unless_include_prompt(engine):

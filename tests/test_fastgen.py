@@ -8,6 +8,7 @@ import generation
 import preprocess
 from generation.workspace import EncodeGraph
 from params import GenerationParams as G
+from support import checkpoints
 from support.images import distinct_images
 
 PROMPTS = ["a photo of", "a", "an image showing the", "a photo of", "", "xx"]
@@ -144,3 +145,37 @@ def test_unfused_projections_give_the_same_tokens(eng, batch):
                                      generation.DecodeOptions(fuse_qkv=False))
     assert plain._qkv == [None] * len(plain._qkv)
     assert plain.generate(pxn, ids, mask, params) == fused.generate(pxn, ids, mask, params)
+
+
+# --- a model that does not suppress <pad>, loaded from disk ---------------------------------
+# tiny-random suppresses every token but a-z, space and eos, which hid a defect: the repetition
+# penalty counted a batch's left padding as prompt tokens, so <pad>'s score (and the captions)
+# depended on the other prompts in the batch. The chatty checkpoint (support.checkpoints)
+# suppresses nothing, makes <pad> a likely token and eos a frequent one.
+@pytest.fixture(scope="module")
+def chatty(chatty_dir):
+    """The chatty checkpoint through the real loading path, on transformers' generate."""
+    return engine_mod.load_engine(config.Config.from_env(
+        {"BLIP_MODEL": str(chatty_dir), "BLIP_WARMUP": "0", "BLIP_DECODER": "hf"}))
+
+
+def _caption_tokens(row: list[int], eos: int) -> list[int]:
+    """A row's tokens up to and including eos: what follows is padding, whose width depends
+    on the longest row of the batch."""
+    return row[:row.index(eos) + 1] if eos in row else row
+
+
+@pytest.mark.parametrize("params", checkpoints.MIXES,
+                         ids=[checkpoints.mix_id(p) for p in checkpoints.MIXES])
+def test_fast_decoder_gives_generate_tokens_on_a_model_that_does_not_suppress_pad(chatty, params):
+    m = chatty.m
+    assert not chatty.model.language_model.generation_config.suppress_tokens
+    pxn = preprocess.normalize(torch.stack(
+        [chatty.preprocess(im) for im in distinct_images(len(checkpoints.PROMPTS))]))
+    ids, mask = chatty.build_inputs(checkpoints.PROMPTS)
+    out = chatty.model.generate(pixel_values=pxn, input_ids=ids, attention_mask=mask,
+                                **chatty._generation_kwargs(params))
+    want = [_caption_tokens(r, m.eos_token_id) for r in out[:, ids.shape[1]:].tolist()]
+    gen = generation.FastGenerator(chatty.model, m.eos_token_id, m.pad_token_id)
+    got = [_caption_tokens(r, m.eos_token_id) for r in gen.generate(pxn, ids, mask, params)]
+    assert got == want

@@ -21,10 +21,10 @@ The search itself is the one transformers runs, so results are the same tokens: 
 that end are finalised with score / generated_len ** length_penalty, transformers' default
 early-stopping heuristic, best ``num_captions`` returned), and nucleus sampling (temperature,
 then top-k 50 (transformers' default), then top-p, multinomial). Logits processing matches
-transformers' order and semantics: repetition penalty over the whole row (prompt included),
-``min_new_tokens`` bans eos, ``suppress_tokens`` from the model's generation config. A test
-compares the tokens with ``model.generate`` on the tiny model (greedy and beams, mixed prompt
-lengths).
+transformers' order and semantics: repetition penalty over the row's real tokens (the prompt
+included, its left padding not), ``min_new_tokens`` bans eos, ``suppress_tokens`` from the
+model's generation config. Tests compare the tokens with ``model.generate`` over many parameter
+mixes and mixed prompt lengths, on a checkpoint that suppresses nothing.
 
 Supported: OPT decoders with ``do_layer_norm_before`` (every BLIP-2 OPT checkpoint). Anything
 else falls back to transformers' generate (``supports(model)``).

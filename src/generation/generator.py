@@ -38,12 +38,14 @@ class FastGenerator(GraphRunner):
         prefix = self._encode(pixel_values, input_ids, attention_mask, ws)
         special = search.SpecialTokens(self.eos, self.pad, self._suppressed(prefix.logits.device))
 
+        prompt = search.prompt_history(input_ids, attention_mask)
+
         def step(tokens: torch.Tensor, positions: torch.Tensor, t: int) -> torch.Tensor:
             return self._run_step(ws, tokens, positions, t)
         if sampling:
-            return search.sample(step, prefix, input_ids, params, per_image, special,
+            return search.sample(step, prefix, prompt, params, per_image, special,
                                  self.options.overlap)
-        return search.beam_search(step, ws.follow_beams, prefix, input_ids, params, special,
+        return search.beam_search(step, ws.follow_beams, prefix, prompt, params, special,
                                   self.options.overlap)
 
     def _suppressed(self, device: torch.device) -> torch.Tensor | None:

@@ -5,7 +5,8 @@ and nucleus sampling, beam search, as functions over a step callable.
 each row's position in its sequence) and returns the next-token logits, (rows, V) float32. Beam
 search also takes ``reorder(parents, t)``, which makes each row's generated keys and values
 those of the beam it continues (``parents``: (images, beams)). Rows are image-major: the
-``k`` rows of an image are adjacent."""
+``k`` rows of an image are adjacent. ``prompt``: (images, L) left-padded prompt ids as
+``prompt_history`` makes them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -73,10 +74,19 @@ def step_unless_stopped(stopped: _Flag, stop: torch.Tensor, overlap: bool,
 
 
 # --- logits processing (transformers' semantics) -------------------------------------------
+def prompt_history(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The prompt as the repetition penalty sees it: each row's left padding replaced by the
+    row's last token, which is real (rows are left-padded) and already in the row, so the
+    padding adds nothing to the set of tokens seen. transformers skips the same positions
+    (``prompt_ignore_length``); counting them would give ``<pad>`` a penalty in a batch whose
+    prompts differ in length and none alone, and the caption would depend on its batch."""
+    return torch.where(attention_mask.bool(), input_ids, input_ids[:, -1:])
+
+
 def process(scores: torch.Tensor, history: torch.Tensor, t: int, params: GenerationParams,
             special: SpecialTokens) -> torch.Tensor:
-    """Repetition penalty over the whole row (prompt included), ``min_length`` bans eos, and
-    the suppressed tokens."""
+    """Repetition penalty over the row's real tokens (prompt included; ``history`` starts
+    with ``prompt_history``), ``min_length`` bans eos, and the suppressed tokens."""
     if params.repetition_penalty != 1.0:
         seen = scores.gather(1, history)
         seen = torch.where(seen < 0, seen * params.repetition_penalty,
@@ -114,12 +124,12 @@ def warp(scores: torch.Tensor, params: GenerationParams) -> torch.Tensor:
 
 
 # --- search -------------------------------------------------------------------------------
-def sample(step: Step, prefix: Prefix, input_ids: torch.Tensor, params: GenerationParams,
+def sample(step: Step, prefix: Prefix, prompt: torch.Tensor, params: GenerationParams,
            k: int, special: SpecialTokens, overlap: bool) -> list[list[int]]:
     """Greedy (argmax) or nucleus sampling, ``k`` rows per image: new token ids per row."""
-    rows = input_ids.shape[0] * k
-    device = input_ids.device
-    history = input_ids.repeat_interleave(k, 0)
+    rows = prompt.shape[0] * k
+    device = prompt.device
+    history = prompt.repeat_interleave(k, 0)
     positions = prefix.valid.repeat_interleave(k, 0)
     logits = prefix.logits.repeat_interleave(k, 0)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -147,17 +157,17 @@ def sample(step: Step, prefix: Prefix, input_ids: torch.Tensor, params: Generati
     return out[:, :steps].tolist()
 
 
-def beam_search(step: Step, reorder: Reorder, prefix: Prefix, input_ids: torch.Tensor,
+def beam_search(step: Step, reorder: Reorder, prefix: Prefix, prompt: torch.Tensor,
                 params: GenerationParams, special: SpecialTokens,
                 overlap: bool) -> list[list[int]]:
     """Beam search: the best ``num_captions`` of ``num_beams`` hypotheses per image, new token
     ids per row."""
     k, lp, steps_max = params.num_beams, params.length_penalty, params.max_length
-    b, prompt_len = input_ids.shape
+    b, prompt_len = prompt.shape
     keep = 2 * k  # candidates per image: enough to continue k beams even if k end
-    device = input_ids.device
+    device = prompt.device
     vocab = prefix.logits.shape[-1]
-    seqs = input_ids.repeat_interleave(k, 0).view(b, k, prompt_len)
+    seqs = prompt.repeat_interleave(k, 0).view(b, k, prompt_len)
     run_scores = torch.zeros(b, k, device=device)
     run_scores[:, 1:] = NEG
     fin_seqs = torch.full((b, k, prompt_len + steps_max), special.pad, dtype=torch.long,
