@@ -22,6 +22,36 @@ GRAPH_PROMPT_MULTIPLE = 8  # prompt lengths are left-padded to a multiple of thi
 ENCODE_GRAPH_MAX_IMAGES = 16
 
 
+def padded_shape(images: int, length: int) -> tuple[int, int]:
+    """The graph shape a batch is padded to: (image capacity, prompt length)."""
+    cap = next((c for c in GRAPH_BATCHES if c >= images), images)
+    return cap, -(-length // GRAPH_PROMPT_MULTIPLE) * GRAPH_PROMPT_MULTIPLE
+
+
+def workspace_shape(images: int, length: int, *, graphs: bool, pad_eager: bool,
+                    fits: Callable[[int, int], bool]) -> tuple[int, int, bool]:
+    """(image capacity, prompt length, graphable) of the workspace for a batch.
+
+    Padding only pays where a graph replays the padded shape: while graphs are on and the
+    padded shape ``fits`` the graph budget. Once graphs are off (after capture failures, or a
+    self-check that switched them off), or past the budget, a batch runs eagerly at its exact
+    shape: padding it would only add work, in buffers ``batch_limit`` did not plan for.
+    ``pad_eager`` pads eager batches all the same (tests, and the self-check's reference)."""
+    if graphs:
+        cap, padded = padded_shape(images, length)
+        if fits(cap, padded):
+            return cap, padded, True
+    elif pad_eager:
+        return (*padded_shape(images, length), False)
+    return images, length, False
+
+
+def within_budget(incoming: int, cached: int, pool: int, budget: int) -> bool:
+    """Whether ``incoming`` more workspace bytes fit the graph budget beside the workspaces
+    already cached and the graphs' memory pool."""
+    return incoming + cached + pool <= budget
+
+
 class GraphRunner(OptModel):
     """Runs the model's prefill and steps on cached workspaces, from CUDA graphs where they
     apply (``_encode``, ``_run_step``), eagerly elsewhere."""
@@ -34,10 +64,14 @@ class GraphRunner(OptModel):
         self.encode_graphs = options.encode_graphs
         self.encode_replays = 0
         self.encode_failures = 0
-        self.bucket = options.cuda_graphs if options.bucket is None else options.bucket
+        self.pad_eager = options.bucket
         self.graph_memory_bytes = options.graph_memory_bytes
         self._cache: OrderedDict[tuple, Workspace] = OrderedDict()
         self._pool = None
+        # device memory the graphs' private pool holds (it grows at captures and is given back
+        # only with the pool, at release()): counted in the graph budget and by the engine's
+        # batch_limit, since no eager batch can use it
+        self.pool_bytes = 0
         self.graph_failures = 0
         self.graph_replays = 0
 
@@ -45,15 +79,15 @@ class GraphRunner(OptModel):
         """Drop cached workspaces and graphs (after an out-of-memory error, for instance)."""
         self._cache.clear()
         self._pool = None
+        self.pool_bytes = 0
+
+    def graphs_off(self) -> None:
+        """Decode eagerly from now on, at exact shapes (the self-check's fallback)."""
+        self.cuda_graphs = False
+        self.encode_graphs = False
+        self.release()
 
     # --- workspaces and graphs ------------------------------------------------------------
-    def _shape_for(self, images: int, length: int) -> tuple[int, int]:
-        """(image capacity, prompt length) of the workspace for a batch."""
-        if not self.bucket:
-            return images, length
-        cap = next((c for c in GRAPH_BATCHES if c >= images), images)
-        return cap, -(-length // GRAPH_PROMPT_MULTIPLE) * GRAPH_PROMPT_MULTIPLE
-
     def _workspace_bytes(self, images: int, per_image: int, length: int, steps: int,
                          like: torch.Tensor) -> int:
         per_token = 2 * len(self.decoder.layers) * self.heads * self.head_dim
@@ -83,12 +117,14 @@ class GraphRunner(OptModel):
 
     def _workspace(self, images: int, per_image: int, length: int, steps: int,
                    like: torch.Tensor) -> Workspace:
-        cap, padded = self._shape_for(images, length)
-        graphable = (self.cuda_graphs and like.is_cuda and self._workspace_bytes(
-            cap, per_image, padded, steps, like) <= self.graph_memory_bytes)
-        if not graphable:  # eager: exact shapes unless padding was asked for (tests)
-            shape = (cap, padded) if self.bucket and not self.cuda_graphs else (images, length)
-            return self._new_workspace(shape[0], per_image, shape[1], steps, like)
+        def fits(cap: int, padded: int) -> bool:
+            return within_budget(self._workspace_bytes(cap, per_image, padded, steps, like),
+                                 0, self.pool_bytes, self.graph_memory_bytes)
+        cap, padded, graphable = workspace_shape(
+            images, length, graphs=self.cuda_graphs and like.is_cuda, pad_eager=self.pad_eager,
+            fits=fits)
+        if not graphable:
+            return self._new_workspace(cap, per_image, padded, steps, like)
         key = (cap, per_image, padded, steps, like.dtype, like.device)
         ws = self._cache.pop(key, None)
         if ws is None:
@@ -98,9 +134,11 @@ class GraphRunner(OptModel):
         return ws
 
     def _evict(self, incoming: int) -> None:
-        """Drop least recently used workspaces until ``incoming`` more bytes fit the budget."""
-        while self._cache and (sum(w.bytes for w in self._cache.values()) + incoming
-                               > self.graph_memory_bytes):
+        """Drop least recently used workspaces until ``incoming`` more bytes fit the budget
+        beside the graph pool."""
+        while self._cache and not within_budget(
+                incoming, sum(w.bytes for w in self._cache.values()), self.pool_bytes,
+                self.graph_memory_bytes):
             self._cache.popitem(last=False)
 
     def _run_step(self, ws: Workspace, tokens: torch.Tensor, positions: torch.Tensor,
@@ -143,16 +181,25 @@ class GraphRunner(OptModel):
         counted it), and the caller runs eagerly. Both graphs, the step's and the encoder's,
         are captured here."""
         try:
+            current = torch.cuda.current_stream()
             side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                warm_up()
-            torch.cuda.current_stream().wait_stream(side)
+            side.wait_stream(current)
+            try:
+                with torch.cuda.stream(side):
+                    warm_up()
+            finally:  # even after an error: what warm_up queued must finish before its
+                current.wait_stream(side)  # buffers can be freed and reused
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread_local: the decode threads pin host memory for every image meanwhile, which
+            # torch's default "global" mode forbids to every thread during a capture (their
+            # allocation fails, and so does the capture)
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                # read inside: entering empties torch's cache, which lowers what is reserved
+                before = torch.cuda.memory_reserved()
                 record()
+            self.pool_bytes += max(0, torch.cuda.memory_reserved() - before)  # the pool's growth
             return graph
         except torch.OutOfMemoryError:
             raise  # not a capture problem: the engine's fallback halves the batch

@@ -13,10 +13,10 @@ CUDNN_CHOICES = ("vision", "all")
 class DecodeOptions:
     # capture each batch shape's decoding step once as a CUDA graph and replay it (CUDA only)
     cuda_graphs: bool = False
-    # Bucketing (padding batches and prompts to fixed shapes) is what lets graphs be reused;
-    # it can be switched on without graphs to test that padding changes nothing (None: as
-    # cuda_graphs).
-    bucket: bool | None = None
+    # Bucketing (padding batches and prompts to fixed shapes) is what lets graphs be reused,
+    # and graphs always do it. This pads eager batches too: tests check that padding changes
+    # nothing, and the self-check's reference runs at the graphs' padded shapes.
+    bucket: bool = False
     graph_memory_bytes: int = 0  # the most the workspaces kept for graph replay may take
     # overlap: queue step t's decoder pass before reading whether the search stopped at t
     # (one wasted pass at the end instead of a host/GPU round trip at every step)
