@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b-coco"
+INJECT_MISMATCH_PARTS = ("", "fast", "graphs")  # BLIP_INJECT_DECODER_MISMATCH
 MB = 1024 * 1024
 GB = 1024 * MB
 
@@ -60,13 +61,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("decoder", "BLIP_DECODER", "choice", "fast",
             "Decoding loop of the transformers engine: `fast` (prompt prefilled once per image "
             "and shared by its beams; same tokens as transformers) or `hf` (transformers' own "
-            "generate).", choices=("fast", "hf")),
+            "generate). A model whose generation config sets something `fast` does not "
+            "implement runs on `hf`, and a warning names the setting.", choices=("fast", "hf")),
     Setting("cuda_graphs", "BLIP_CUDA_GRAPHS", "bool", True,
             "With the fast decoder on CUDA, capture each batch shape's decoding step as a CUDA "
             "graph and replay it, while its buffers fit in 15% of GPU memory (cuts per-token "
             "CPU overhead)."),
     Setting("warmup", "BLIP_WARMUP", "bool", True,
             "Run one tiny caption after loading so the first job is not slow."),
+    Setting("self_check", "BLIP_SELF_CHECK", "bool", True,
+            "After loading, caption a few built-in images with the fast decoder as configured "
+            "and compare its tokens with a reference that must be identical (on CUDA the same "
+            "decoder run eagerly, at the same padded shapes; on a CPU transformers' generate). "
+            "On a difference or an error, CUDA graphs, then the fast decoder, are switched off "
+            "and a warning says what differed; the ready line reports the outcome."),
+    Setting("inject_decoder_mismatch", "BLIP_INJECT_DECODER_MISMATCH", "str", "",
+            "Chaos knob: `fast` makes the fast decoder's tokens wrong, `graphs` only while CUDA "
+            "graphs are on, so the self-check must catch it and switch that part off. Unset in "
+            "production."),
     Setting("batch_wait_ms", "BLIP_BATCH_WAIT_MS", "float", 5.0,
             "How long the GPU loop waits for the next image to fill a batch across jobs: "
             "again after each arrival, at most 4 times this in all, and only while a running "
@@ -189,6 +201,8 @@ class Config:
     decoder: str
     cuda_graphs: bool
     warmup: bool
+    self_check: bool
+    inject_decoder_mismatch: str
     batch_wait_ms: float
     max_concurrent_jobs: int
     decode_workers: int
@@ -237,6 +251,9 @@ class Config:
         if device not in ("auto", "cpu", "cuda") and not (
                 device.startswith("cuda:") and device[5:].isdigit()):
             problems.append(f"BLIP_DEVICE={device!r}: must be auto, cpu, cuda or cuda:N.")
+        if values.get("inject_decoder_mismatch") not in INJECT_MISMATCH_PARTS:
+            problems.append(f"BLIP_INJECT_DECODER_MISMATCH={values['inject_decoder_mismatch']!r}"
+                            ": must be fast, graphs or unset (a chaos knob, unset in production).")
         problems += _bucket_problems(values)
         if problems:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

@@ -99,12 +99,19 @@ def setup(cfg: Config) -> Service:
     executor = jobs.start_threads(ThreadPoolExecutor(max_jobs, thread_name_prefix="job"),
                                   max_jobs)
     service = Service(jobs.Worker(cfg, eng), executor, max_jobs)
-    log.info("ready: model %s, engine %s, device %s, up to %d concurrent jobs (%s)",
-             eng.model_id, eng.name, eng.device, max_jobs,
+    log.info("ready: model %s, engine %s, device %s, %s, up to %d concurrent jobs (%s)",
+             eng.model_id, eng.name, eng.device, describe_checks(eng), max_jobs,
              "MAX_CONCURRENT_JOBS" if cfg.max_concurrent_jobs else
              f"auto: batch limit {eng.max_batch_size}, kept within "
              f"{jobs.AUTO_JOBS_MIN}-{jobs.AUTO_JOBS_MAX}")
     return service
+
+
+def describe_checks(eng) -> str:
+    """The decoder in use and what the start-up self-check found, for the ready line."""
+    decoder = f"decoder {eng.decoder}" if hasattr(eng, "decoder") else "its own decoder"
+    check = eng.self_check.text if eng.self_check else "self-check off (BLIP_SELF_CHECK=0)"
+    return f"{decoder}, {check}"
 
 
 class _RunPodLogHandler(logging.Handler):

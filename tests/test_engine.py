@@ -280,3 +280,13 @@ def test_the_longest_request_the_schema_allows_fits(engine):
     res = engine.caption(distinct_images(1), GenerationParams(num_beams=2, max_length=200,
                                                               min_length=200), prompts="x" * 300)
     assert res[0].error is None and len(res[0].caption) >= 195
+
+
+def test_memory_held_by_the_graph_pool_is_not_counted_as_free():
+    from engines.transformers_engine import usable_free_bytes
+    gib = 2 ** 30
+    # 10 GiB free on the device, 6 GiB reserved by torch of which 2 GiB in use
+    assert usable_free_bytes(10 * gib, 6 * gib, 2 * gib, 0) == 14 * gib
+    # 3 of the 4 unused reserved GiB are the CUDA graphs' pool: no batch can use them
+    assert usable_free_bytes(10 * gib, 6 * gib, 2 * gib, 3 * gib) == 11 * gib
+    assert usable_free_bytes(10 * gib, 6 * gib, 2 * gib, 9 * gib) == 10 * gib

@@ -1,4 +1,6 @@
 """The fast decoder gives exactly the tokens of transformers' generate, with less work per image."""
+import logging
+
 import pytest
 import torch
 
@@ -6,6 +8,9 @@ import config
 import engines as engine_mod
 import generation
 import preprocess
+from engines import TransformersEngine
+from generation import graphs as graphs_mod
+from generation import search
 from generation.workspace import EncodeGraph
 from params import GenerationParams as G
 from support import checkpoints
@@ -179,3 +184,97 @@ def test_fast_decoder_gives_generate_tokens_on_a_model_that_does_not_suppress_pa
     gen = generation.FastGenerator(chatty.model, m.eos_token_id, m.pad_token_id)
     got = [_caption_tokens(r, m.eos_token_id) for r in gen.generate(pxn, ids, mask, params)]
     assert got == want
+
+
+# --- shapes, budget and the generation config -------------------------------------------------
+@pytest.mark.parametrize("graphs, pad_eager, fits, want", [
+    (True, False, True, (24, 48, True)),  # graphs: padded to the graph shape, kept for replay
+    (True, False, False, (17, 41, False)),  # over the graph budget: eager at the exact shape
+    (False, False, True, (17, 41, False)),  # graphs off (failed captures, self-check): exact
+    (False, True, True, (24, 48, False)),  # padding asked for (tests, the self-check reference)
+])
+def test_batches_are_padded_only_where_a_graph_replays_them(graphs, pad_eager, fits, want):
+    seen = []
+
+    def budget(cap, length):
+        seen.append((cap, length))
+        return fits
+    assert graphs_mod.workspace_shape(17, 41, graphs=graphs, pad_eager=pad_eager,
+                                      fits=budget) == want
+    assert seen == ([(24, 48)] if graphs else [])  # the budget is asked about the padded shape
+
+
+def test_after_graphs_fail_the_production_path_runs_exact_shapes(eng):
+    # three failed captures leave cuda_graphs off; the batch must not be padded any more
+    gen = generation.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id,
+                                   generation.DecodeOptions(cuda_graphs=True,
+                                                            graph_memory_bytes=2 ** 30))
+    like = eng.model.language_model.lm_head.weight
+    gen.cuda_graphs = False
+    ws = gen._workspace(17, 1, 41, 4, like)
+    assert (ws.images, ws.length) == (17, 41) and not gen._cache
+    gen.graphs_off()
+    assert not gen.encode_graphs and gen.pool_bytes == 0
+
+
+def test_the_graph_budget_counts_the_graph_pool(eng):
+    gen = generation.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id)
+    like = eng.model.language_model.lm_head.weight
+    for images in (1, 2, 4):
+        ws = gen._new_workspace(images, 1, 40, 4, like)
+        gen._cache[("ws", images)] = ws
+    sizes = [w.bytes for w in gen._cache.values()]
+    gen.graph_memory_bytes = sum(sizes) + 100
+    gen.pool_bytes = 0
+    gen._evict(100)  # fits beside the three
+    assert len(gen._cache) == 3
+    gen.pool_bytes = sizes[0]  # the graphs' pool now holds as much as the oldest workspace
+    gen._evict(100)
+    assert list(gen._cache) == [("ws", 2), ("ws", 4)]  # least recently used goes first
+    gen.pool_bytes = gen.graph_memory_bytes  # the pool alone fills the budget
+    gen._evict(1)
+    assert not gen._cache
+    assert not graphs_mod.within_budget(1, 0, gen.pool_bytes, gen.graph_memory_bytes)
+    gen.release()
+    assert gen.pool_bytes == 0
+
+
+def test_generation_config_settings_the_fast_decoder_lacks_send_the_model_to_generate(caplog):
+    eng = engine_mod.load_engine(config.Config.from_env(
+        {"BLIP_MODEL": "tiny-random", "BLIP_WARMUP": "0", "BLIP_SELF_CHECK": "0"}))
+    gc = eng.model.language_model.generation_config
+    assert search.unsupported_settings(gc) == []  # suppress_tokens: honoured
+    cases = {"early_stopping": True, "no_repeat_ngram_size": 3, "bad_words_ids": [[5]],
+             "forced_bos_token_id": 7, "forced_eos_token_id": 9, "begin_suppress_tokens": [4],
+             "min_new_tokens": 2, "typical_p": 0.5}
+    for name, value in cases.items():
+        saved = getattr(gc, name)
+        setattr(gc, name, value)
+        try:
+            assert search.unsupported_settings(gc) == [f"{name}={value!r}"]
+            with caplog.at_level(logging.WARNING, logger="blip.engine"):
+                caplog.clear()
+                other = TransformersEngine(eng.cfg, eng.device, eng.dtype, eng.m)
+            assert other.decoder == "hf" and other.fast is None
+            assert f"{name}={value!r}" in caplog.text and "transformers' generate" in caplog.text
+            with pytest.raises(ValueError, match=name):
+                generation.FastGenerator(eng.model, eng.m.eos_token_id, eng.m.pad_token_id)
+        finally:
+            setattr(gc, name, saved)
+    # transformers' own behaviour, written out, changes nothing
+    for name, value in {"early_stopping": False, "no_repeat_ngram_size": 0,
+                        "num_beam_groups": 1, "use_cache": True}.items():
+        saved = getattr(gc, name)
+        setattr(gc, name, value)
+        try:
+            assert search.unsupported_settings(gc) == []
+        finally:
+            setattr(gc, name, saved)
+
+
+def test_a_setting_the_search_honours_keeps_the_fast_decoder(monkeypatch, eng):
+    gc = eng.model.language_model.generation_config
+    monkeypatch.setattr(gc, "no_repeat_ngram_size", 3)
+    assert generation.refusal(eng.model)
+    monkeypatch.setattr(search, "HONOURED", search.HONOURED | {"no_repeat_ngram_size"})
+    assert generation.refusal(eng.model) is None

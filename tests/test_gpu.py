@@ -23,7 +23,8 @@ def cuda_engine(**env):
     if not torch.cuda.is_available():
         pytest.fail("test_gpu.py needs a CUDA device (run it with `make test-gpu` on a GPU box)")
     return engine_mod.load_engine(config.Config.from_env(
-        {"BLIP_MODEL": "tiny-random", "BLIP_DEVICE": "cuda", "BLIP_WARMUP": "0", **env}))
+        {"BLIP_MODEL": "tiny-random", "BLIP_DEVICE": "cuda", "BLIP_WARMUP": "0",
+         "BLIP_SELF_CHECK": "0", **env}))
 
 
 @pytest.mark.parametrize("images", [1, 3, 6])
@@ -89,3 +90,96 @@ def test_images_are_staged_in_pinned_memory_and_stacked_on_the_gpu():
     eng.device_collate = False  # the host path: stack, pin and copy the batch
     assert [r.captions for r in eng.caption(imgs, p)] == staged
 
+
+
+def test_graphs_are_captured_while_another_thread_pins_memory():
+    # the decode threads pin host memory for every image while the GPU thread captures; under
+    # torch's default "global" capture mode that allocation fails, and so does the capture
+    import threading
+    eng = cuda_engine(BLIP_DTYPE="float32")
+    ref = cuda_engine(BLIP_DTYPE="float32", BLIP_CUDA_GRAPHS="0")
+    imgs = distinct_images(20)
+    p = G(num_beams=3, max_length=10)
+    stop, pinned, errors = threading.Event(), [0], []
+
+    def pin_in_a_loop():
+        while not stop.is_set():
+            try:
+                eng.preprocess(imgs[pinned[0] % len(imgs)])
+                torch.empty(1 << 20, dtype=torch.uint8, pin_memory=True)
+                pinned[0] += 1
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(repr(exc))
+    thread = threading.Thread(target=pin_in_a_loop)
+    thread.start()
+    try:
+        got = [eng.caption(imgs[:n], p) for n in (1, 3, 5, 9, 17, 20)]  # new shapes: captures
+    finally:
+        stop.set()
+        thread.join()
+    want = [ref.caption(imgs[:n], p) for n in (1, 3, 5, 9, 17, 20)]
+    assert not errors and pinned[0] > 0
+    assert [[r.captions for r in batch] for batch in got] == \
+        [[r.captions for r in batch] for batch in want]
+    assert all(r.error is None for batch in got for r in batch)
+    assert eng.fast.cuda_graphs and eng.fast.graph_failures == 0 and eng.fast.encode_failures == 0
+    assert eng.fast.graph_replays > 0 and eng.fast.pool_bytes > 0
+
+
+def test_the_self_check_passes_on_cuda_and_turns_graphs_off_on_an_injected_mismatch():
+    ok = cuda_engine(BLIP_SELF_CHECK="1")
+    assert ok.self_check.ok and ok.fast.cuda_graphs, ok.self_check.text
+    print(ok.self_check.text)  # its time, in the log of scripts/gpu_check.sh
+    bad = cuda_engine(BLIP_SELF_CHECK="1", BLIP_INJECT_DECODER_MISMATCH="graphs")
+    assert bad.self_check.text.startswith("self-check: CUDA graphs gave other tokens ("), \
+        bad.self_check.text
+    assert bad.self_check.text.endswith("graphs off")
+    assert bad.decoder == "fast" and not bad.fast.cuda_graphs
+    imgs, p = distinct_images(3), G(num_beams=3, max_length=10)
+    assert [r.captions for r in bad.caption(imgs, p)] == [r.captions for r in ok.caption(imgs, p)]
+
+
+def test_the_self_check_on_the_full_architecture_in_fp16():
+    eng = cuda_engine(BLIP_MODEL="random-full", BLIP_SELF_CHECK="1")
+    print(eng.self_check.text)  # the figure for OPTIMIZATION.md (budget: about 2 s)
+    assert eng.self_check.ok and eng.fast.cuda_graphs, eng.self_check.text
+    del eng
+    torch.cuda.empty_cache()
+
+
+def test_once_graphs_are_off_batches_run_at_their_exact_shape():
+    eng = cuda_engine(BLIP_DTYPE="float32")
+    eng.fast.graphs_off()
+    shapes = []
+    real = eng.fast._new_workspace
+    eng.fast._new_workspace = lambda *a: shapes.append(a[:3]) or real(*a)
+    eng.caption(distinct_images(17), G(num_beams=1, max_length=6), prompts="a photo of the")
+    assert shapes and all(images == 17 for images, _, _ in shapes)
+    assert eng.fast.graph_replays == 0
+
+
+def test_an_out_of_memory_error_in_the_warm_up_reaches_the_fallback_and_decoding_goes_on():
+    eng = cuda_engine(BLIP_DTYPE="float32")
+    gen = eng.fast
+
+    def warm_up():
+        torch.ones(1 << 20, device="cuda").mul_(2)  # work queued on the side stream
+        raise torch.OutOfMemoryError("injected in the warm-up")
+    with pytest.raises(torch.OutOfMemoryError):
+        gen._capture(warm_up, lambda: None, lambda: None)
+    assert gen.graph_failures == 0  # not counted as a capture failure
+    imgs, p = distinct_images(3), G(num_beams=3, max_length=10)
+    ref = cuda_engine(BLIP_DTYPE="float32", BLIP_CUDA_GRAPHS="0")
+    assert [r.captions for r in eng.caption(imgs, p)] == [r.captions for r in ref.caption(imgs, p)]
+
+
+def test_the_graph_pool_lowers_the_batch_limit():
+    eng = cuda_engine()
+    p = G(num_beams=3, max_length=30)
+    eng.caption(distinct_images(4), p)  # captures graphs: their pool holds memory
+    assert eng.fast.pool_bytes > 0
+    with_pool = eng.batch_limit(p)
+    pool, eng.fast.pool_bytes = eng.fast.pool_bytes, 0
+    without = eng.batch_limit(p)
+    eng.fast.pool_bytes = pool
+    assert with_pool <= without

@@ -108,6 +108,8 @@ class BaseEngine:
         self.max_batch_size = cfg.max_batch_size or CPU_DEFAULT_BATCH
         self.load_s = 0.0
         self.warmup_s = 0.0
+        # the start-up self-check's outcome (engines.self_check.Outcome), for the ready line
+        self.self_check = None
 
     # --- to implement ---------------------------------------------------------------------
     def preprocess(self, img: Image.Image) -> torch.Tensor:

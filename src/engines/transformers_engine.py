@@ -49,13 +49,13 @@ class TransformersEngine(BaseEngine):
         self.fast = None
         if cfg.decoder == "fast":
             import generation
-            if generation.supports(self.model):
+            reason = generation.refusal(self.model)
+            if reason is None:
                 self.fast = generation.FastGenerator(self.model, loaded.eos_token_id,
                                                      loaded.pad_token_id,
                                                      decode or decode_options(cfg, device))
             else:
-                log.warning("BLIP_DECODER=fast does not support this language model; "
-                            "using transformers' generate")
+                log.warning("BLIP_DECODER=fast: %s; using transformers' generate", reason)
         self.decoder = "fast" if self.fast is not None else "hf"
         self._prompt_ids = functools.lru_cache(maxsize=1024)(self._tokenize_prompt)
         self._kv_bytes_per_token = self._kv_cache_bytes_per_token()
@@ -117,7 +117,9 @@ class TransformersEngine(BaseEngine):
             return self.max_batch_size
         # Size for these params: many beams and long captions need more memory per image.
         free, _total = torch.cuda.mem_get_info(self.device)
-        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        free = usable_free_bytes(free, torch.cuda.memory_reserved(self.device),
+                                 torch.cuda.memory_allocated(self.device),
+                                 self.fast.pool_bytes if self.fast is not None else 0)
         return max(1, min(self.max_batch_size, self._batch_for_bytes(free, params)))
 
     # --- preprocessing --------------------------------------------------------------------
@@ -169,20 +171,49 @@ class TransformersEngine(BaseEngine):
             kw["length_penalty"] = params.length_penalty
         return kw
 
-    def _generate(self, pixels: torch.Tensor, prompts: Sequence[str],
-                  params: GenerationParams) -> list[list[str]]:
+    def model_inputs(self, pixels: torch.Tensor, prompts: Sequence[str]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A collated uint8 batch and its prompts as the decoders take them, on the device:
+        normalised pixels, left-padded ids and their attention mask."""
         ids, mask = self.build_inputs(prompts)
         if self._pin and pixels.device.type == "cpu":
             pixels = pixels.pin_memory()
         pixels = preprocess.normalize(pixels.to(self.device, non_blocking=True), self.dtype)
-        ids = ids.to(self.device, non_blocking=True)
-        mask = mask.to(self.device, non_blocking=True)
+        return (pixels, ids.to(self.device, non_blocking=True),
+                mask.to(self.device, non_blocking=True))
+
+    def hf_tokens(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                  params: GenerationParams) -> list[list[int]]:
+        """New token ids per output row from transformers' generate."""
+        out = self.model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask,
+                                  **self._generation_kwargs(params))
+        return out[:, ids.shape[1]:].tolist()
+
+    def fast_tokens(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                    params: GenerationParams) -> list[list[int]]:
+        """New token ids per output row from the fast decoder (and the chaos knob
+        ``BLIP_INJECT_DECODER_MISMATCH``, which makes them wrong for the self-check to catch:
+        ``fast`` always, ``graphs`` while CUDA graphs are on)."""
+        rows = self.fast.generate(pixels, ids, mask, params)
+        inject = self.cfg.inject_decoder_mismatch
+        if inject == "fast" or (inject == "graphs" and self.fast.cuda_graphs):
+            vocab = self.model.config.text_config.vocab_size
+            rows = [[(row[0] + 1) % vocab, *row[1:]] if row else row for row in rows]
+        return rows
+
+    def use_hf_decoder(self) -> None:
+        """Decode with transformers' generate from now on (the self-check's last fallback)."""
         if self.fast is not None:
-            rows = self.fast.generate(pixels, ids, mask, params)
-        else:
-            out = self.model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask,
-                                      **self._generation_kwargs(params))
-            rows = out[:, ids.shape[1]:].tolist()
+            self.fast.release()
+        self.fast = None
+        self.decoder = "hf"
+        if not self.cfg.max_batch_size:  # generate keeps a whole cache per beam: less fits
+            self.max_batch_size = self._auto_batch_size()
+
+    def _generate(self, pixels: torch.Tensor, prompts: Sequence[str],
+                  params: GenerationParams) -> list[list[str]]:
+        inputs = self.model_inputs(pixels, prompts)
+        rows = (self.fast_tokens if self.fast is not None else self.hf_tokens)(*inputs, params)
         texts = [self._decode(seq) for seq in rows]
         k = params.num_captions
         return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
@@ -192,6 +223,13 @@ class TransformersEngine(BaseEngine):
         if eos in seq:
             seq = seq[:seq.index(eos)]
         return self.tokenizer.decode(seq, skip_special_tokens=True).strip()
+
+
+def usable_free_bytes(device_free: int, reserved: int, allocated: int, graph_pool: int) -> int:
+    """GPU memory a batch can use: what the device has free, plus the blocks torch's allocator
+    holds unused, less those of the CUDA graphs' private pool (held for the graphs' replays,
+    unusable by any other work)."""
+    return device_free + max(0, reserved - allocated - graph_pool)
 
 
 def decode_options(cfg: Config, device: torch.device) -> DecodeOptions:

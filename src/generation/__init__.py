@@ -26,8 +26,9 @@ included, its left padding not), ``min_new_tokens`` bans eos, ``suppress_tokens`
 model's generation config. Tests compare the tokens with ``model.generate`` over many parameter
 mixes and mixed prompt lengths, on a checkpoint that suppresses nothing.
 
-Supported: OPT decoders with ``do_layer_norm_before`` (every BLIP-2 OPT checkpoint). Anything
-else falls back to transformers' generate (``supports(model)``).
+Supported: OPT decoders with ``do_layer_norm_before`` (every BLIP-2 OPT checkpoint), whose
+language model's generation config sets nothing the search does not implement. Anything else
+runs on transformers' generate (``refusal(model)`` says why).
 
 The package, split as vLLM splits a decoder (model, runner, sampler):
 
@@ -43,8 +44,8 @@ The package, split as vLLM splits a decoder (model, runner, sampler):
 
 Each class adds one concern to the one below it and calls only down; the search knows neither.
 """
-from .generator import FastGenerator
+from .generator import FastGenerator, refusal
 from .opt import supports
 from .options import DecodeOptions
 
-__all__ = ["DecodeOptions", "FastGenerator", "supports"]
+__all__ = ["DecodeOptions", "FastGenerator", "refusal", "supports"]

@@ -12,13 +12,26 @@ from .opt import supports
 from .options import DecodeOptions
 
 
+def refusal(model) -> str | None:
+    """Why the fast decoder would not give transformers' tokens for ``model``, or None."""
+    if not supports(model):
+        return ("its language model is not an OPT decoder with do_layer_norm_before and relu "
+                "(the only kind the fast decoder runs)")
+    unsupported = search.unsupported_settings(model.language_model.generation_config)
+    if unsupported:
+        return ("the language model's generation config sets " + ", ".join(unsupported)
+                + ", which the fast decoder does not implement")
+    return None
+
+
 class FastGenerator(GraphRunner):
     """The fast decoder: ``generate`` runs the search over this runner's steps."""
 
     def __init__(self, model, eos_token_id: int, pad_token_id: int,
                  options: DecodeOptions = DecodeOptions()):
-        if not supports(model):
-            raise ValueError("FastGenerator needs a BLIP-2 model with an OPT decoder")
+        reason = refusal(model)
+        if reason:
+            raise ValueError(f"the fast decoder cannot run this model: {reason}")
         super().__init__(model, pad_token_id, options)
         self.options = options
         self.eos = eos_token_id

@@ -73,6 +73,51 @@ def step_unless_stopped(stopped: _Flag, stop: torch.Tensor, overlap: bool,
     return logits
 
 
+# --- the model's generation config -------------------------------------------------------
+# What the fast decoder does with each field of the language model's generation config that
+# transformers' generate would read. Every field set there (not None, and not one of the
+# harmless values listed) that is in none of these sets sends the model to transformers'
+# generate (``unsupported_settings``), so nothing set there is silently ignored. A field the
+# search learns to honour moves to HONOURED.
+HONOURED = frozenset({"suppress_tokens"})
+# the request sets these in both decoders (eos is "\n", pad is the tokenizer's)
+FROM_THE_REQUEST = frozenset({
+    "max_new_tokens", "max_length", "num_beams", "num_return_sequences", "do_sample",
+    "repetition_penalty", "length_penalty", "top_p", "top_k", "temperature", "eos_token_id",
+    "pad_token_id"})
+# fields that do not change which tokens come out (and every field whose name starts with _)
+NO_EFFECT = frozenset({
+    "transformers_version", "bos_token_id", "decoder_start_token_id",
+    "use_cache", "cache_implementation", "cache_config", "max_cache_len", "compile_config",
+    "disable_compile", "low_memory", "prefill_chunk_size", "continuous_batching_config",
+    "output_attentions", "output_hidden_states", "output_scores", "output_logits",
+    "return_dict_in_generate", "is_assistant", "assistant_confidence_threshold",
+    "assistant_early_exit", "assistant_lookbehind", "num_assistant_tokens",
+    "num_assistant_tokens_schedule", "prompt_lookup_num_tokens", "max_matching_ngram_size",
+    "target_lookbehind", "assistant_ensemble_weight"})
+# values of other fields that are transformers' own behaviour when the field is unset
+HARMLESS = {"early_stopping": (False,), "no_repeat_ngram_size": (0,),
+            "encoder_no_repeat_ngram_size": (0,), "encoder_repetition_penalty": (1.0,),
+            "min_length": (0,), "min_new_tokens": (0,), "num_beam_groups": (1,),
+            "diversity_penalty": (0.0,), "typical_p": (1.0,), "epsilon_cutoff": (0.0,),
+            "eta_cutoff": (0.0,), "renormalize_logits": (False,),
+            "remove_invalid_values": (False,), "guidance_scale": (1.0,),
+            "bad_words_ids": ([],), "begin_suppress_tokens": ([],)}
+
+
+def unsupported_settings(generation_config) -> list[str]:
+    """``name=value`` for each field of ``generation_config`` (a transformers
+    ``GenerationConfig``) that changes the tokens and that the fast decoder does not honour."""
+    out = []
+    for name, value in sorted(vars(generation_config).items()):
+        if (value is None or name.startswith("_") or name in HONOURED
+                or name in FROM_THE_REQUEST or name in NO_EFFECT
+                or value in HARMLESS.get(name, ())):
+            continue
+        out.append(f"{name}={value!r}"[:80])
+    return out
+
+
 # --- logits processing (transformers' semantics) -------------------------------------------
 def prompt_history(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The prompt as the repetition penalty sees it: each row's left padding replaced by the
