@@ -12,6 +12,7 @@ import testing_models
 from engines import TransformersEngine
 from errors import FatalDeviceError, ModelLoadError
 from params import CaptionResult, GenerationParams
+from support.engine import record_batches
 from support.images import distinct_images
 
 GREEDY = GenerationParams(num_beams=1, max_length=12, min_length=5)
@@ -177,11 +178,15 @@ def test_injected_oom_still_captions_every_image_in_order():
     assert captions(chaos.caption(imgs, BEAMS3, batch_size=6)) == clean
 
 
-def test_fallback_halves_and_keeps_the_reduced_size():
+def test_fallback_halves_and_keeps_the_reduced_size(monkeypatch):
     eng = engine_mod.load_engine(tiny_cfg(BLIP_INJECT_OOM_ABOVE_BATCH="2", BLIP_WARMUP="0"))
-    pixels = [eng.preprocess(im) for im in distinct_images(7)]
+    tried = record_batches(monkeypatch, eng)
+    imgs = distinct_images(7)
+    pixels = [eng.preprocess(im) for im in imgs]
     results, size = eng.generate_with_fallback(pixels, ["a photo of"] * 7, GREEDY, 8)
-    assert size == 2 and len(results) == 7 and all(r.error is None for r in results)
+    # 7 and 4 run out of memory; 2 fits and is kept for the rest (the last chunk holds 1)
+    assert tried == [7, 4, 2, 2, 2, 1] and size == 2
+    assert captions(results) == captions(eng.caption(imgs, GREEDY, batch_size=1))
 
 
 def test_oom_even_alone_is_a_per_image_error_and_the_rest_go_on(engine, monkeypatch):
@@ -195,7 +200,9 @@ def test_oom_even_alone_is_a_per_image_error_and_the_rest_go_on(engine, monkeypa
         return real(pixels, prompts, params)
 
     monkeypatch.setattr(engine, "_generate", flaky)
+    tried = record_batches(monkeypatch, engine)
     res = engine.caption(distinct_images(3), GREEDY, batch_size=3)
+    assert tried == [3, 1, 1, 1]  # halved to 1 at once; only the poisoned image fails alone
     assert res[0].error is None and res[2].error is None
     assert "out of GPU memory" in res[1].error and "num_beams" in res[1].error
 

@@ -11,6 +11,7 @@ import engines as engine_mod
 import jobs
 from support import web
 from support import images as pics
+from support.engine import record_batches
 from support.worker import FAST
 from support.zips import five_member_zip, make_zip, many_members_zip, zip_bomb
 
@@ -134,12 +135,16 @@ def test_concurrent_jobs_each_get_their_own_captions(worker):
     assert [[c["caption"] for c in r["captions"]] for r in results] == alone
 
 
-def test_injected_oom_still_captions_every_image(tmp_path, worker):
+def test_injected_oom_still_captions_every_image(tmp_path, worker, monkeypatch):
     uris = [web.data_uri(pics.jpeg(seed=200 + i), "image/jpeg") for i in range(6)]
     clean = worker.run({"data_urls": uris, **FAST})
     chaos = make_worker(tmp_path, BLIP_INJECT_OOM_ABOVE_BATCH="1")
+    chaos.batcher.wait_s = 600.0  # the job's 6 images ride in one batch (it ends the wait)
+    tried = record_batches(monkeypatch, chaos.engine)
     try:
         assert chaos.run({"data_urls": uris, **FAST})["captions"] == clean["captions"]
+        assert chaos.batcher.batch_sizes == [6]
+        assert tried == [6, 3, 1, 1, 1, 1, 1, 1]  # halved until it fits, never lost an image
     finally:
         chaos.close()
 
