@@ -169,6 +169,16 @@ def test_progress_is_reported_for_jobs_over_one_batch(worker):
     assert seen and seen[-1] == 5 and seen == sorted(seen)
 
 
+def test_no_progress_for_a_job_of_one_batch_or_less(worker):
+    seen = []
+    uris = [web.data_uri(pics.jpeg(seed=310 + i), "image/jpeg") for i in range(2)]
+    for job in ({"data_urls": uris, "batch_size": 2}, {"data_urls": uris},  # 2 = its batch
+                {"data_url": uris[0]}):  # 1 and 2 images under the worker's batch of 8
+        out = worker.run({**job, **FAST}, progress=lambda done, total: seen.append(done))
+        assert "errors" not in out and len(out["captions"]) == len(job.get("data_urls", "1"))
+    assert seen == []
+
+
 def test_output_never_echoes_inline_data(worker):
     blob = web.data_uri(pics.jpeg(seed=9, size=(400, 300)), "image/jpeg")
     for job in ({"data_url": blob, **FAST}, {"data_url": blob, "num_beams": "x"},
