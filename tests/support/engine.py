@@ -1,4 +1,6 @@
-"""Watching a real engine: ``record_batches`` lists the batch sizes its GPU calls were given.
+"""Watching a real engine: ``record_batches`` lists the batch sizes its GPU calls were given,
+``record_token_rows`` the token ids of each caption it decodes (``caption_token_count`` counts
+them as ``max_length`` and ``min_length`` do).
 
 The out-of-memory fallback promises an order of batch sizes (halve on an out-of-memory error,
 down to 1; keep the size that fit), not only a final one: the tests assert that whole order.
@@ -19,3 +21,22 @@ def record_batches(monkeypatch, engine) -> list[int]:
 
     monkeypatch.setattr(engine, "generate_batch", spy)
     return tried
+
+
+def record_token_rows(monkeypatch, engine) -> list[list[int]]:
+    """The new token ids of every caption the transformers engine decodes into text, in order
+    (each row as its decoder returned it: eos, then padding, where it stopped early)."""
+    rows: list[list[int]] = []
+    real = engine._decode
+
+    def spy(seq):
+        rows.append(list(seq))
+        return real(seq)
+
+    monkeypatch.setattr(engine, "_decode", spy)
+    return rows
+
+
+def caption_token_count(row: list[int], eos: int) -> int:
+    """How many new tokens a row's caption has: those before its eos (all, without one)."""
+    return row.index(eos) if eos in row else len(row)
