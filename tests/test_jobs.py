@@ -3,6 +3,7 @@ model, against the real local HTTP server and real zips/images."""
 import json
 import os
 import threading
+import time
 
 import pytest
 
@@ -41,6 +42,22 @@ def test_zip_with_nested_folder_corrupt_member_and_text_file(worker, http_server
     assert out["skipped"] == 1
     assert out["model"] == "tiny-random" and out["engine"] == "transformers"
     assert set(out["timings"]) == {"fetch_s", "caption_s", "total_s"}
+
+
+def test_timings_measure_the_fetch_the_captioning_and_the_whole_job(worker, http_server):
+    late = http_server.route("/late.jpg", web.delay(1.0, web.body(pics.jpeg(seed=320))))
+    ready = [web.data_uri(pics.jpeg(seed=321 + i), "image/jpeg") for i in range(2)]
+    started = time.monotonic()
+    out = worker.run({"data_urls": [*ready, late], "batch_size": 1, **FAST})
+    wall = time.monotonic() - started
+    t = out["timings"]
+    assert len(out["captions"]) == 3 and set(t) == {"fetch_s", "caption_s", "total_s"}
+    # the last source arrived after its server's 1 s delay; the whole job took longer
+    assert 1.0 <= t["fetch_s"] < t["total_s"] <= wall
+    # captioning began with the inline images, before the late one arrived, and ended with
+    # it: the stages overlap
+    assert 0.9 <= t["caption_s"] < t["total_s"]
+    assert t["fetch_s"] + t["caption_s"] > t["total_s"]
 
 
 def test_one_404_among_data_urls_costs_only_that_image(worker, http_server):
@@ -214,7 +231,6 @@ def test_cancel_stops_a_job_waiting_on_a_slow_download(tmp_path, http_server):
         t = threading.Thread(target=lambda: result.update(
             w.run({"data_urls": [fast, slow], **FAST}, "job-cancel")))
         t.start()
-        import time
         time.sleep(1.5)
         w.cancel("job-cancel")
         t.join(timeout=20)
@@ -299,7 +315,6 @@ def test_no_progress_after_a_cancel_and_a_total_only_once_known(tmp_path, http_s
                                                                   monkeypatch):
     """As seen on RunPod: a job cancelled while a batch was on the GPU posted one more update,
     with a total that counted only the images queued before the cancel."""
-    import time
     w = make_worker(tmp_path, DOWNLOAD_DEADLINE_S="60")
     real = w.engine.generate_with_fallback
 
