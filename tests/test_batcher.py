@@ -8,6 +8,7 @@ import config
 import engines as engine_mod
 from batcher import Batcher
 from params import GenerationParams
+from support.engine import record_batches
 from support.images import distinct_images
 
 GREEDY = GenerationParams(num_beams=1, max_length=12, min_length=3)
@@ -95,18 +96,50 @@ def test_different_params_never_share_a_batch(eng, monkeypatch):
     assert set(seen) == {GREEDY, BEAMS} and len(seen) >= 2
 
 
-def test_injected_oom_shrinks_batches_and_loses_nothing():
-    cfg = config.Config.from_env({"BLIP_MODEL": "tiny-random", "BLIP_MAX_BATCH_SIZE": "8",
-                                  "BLIP_INJECT_OOM_ABOVE_BATCH": "2", "BLIP_WARMUP": "0"})
-    eng = engine_mod.load_engine(cfg)
-    b = Batcher(eng, wait_ms=50).start()
+@pytest.fixture(scope="module")
+def oom_eng():
+    """Runs out of memory on any batch over 2 images (BLIP_INJECT_OOM_ABOVE_BATCH)."""
+    return engine_mod.load_engine(config.Config.from_env(
+        {"BLIP_MODEL": "tiny-random", "BLIP_MAX_BATCH_SIZE": "8",
+         "BLIP_INJECT_OOM_ABOVE_BATCH": "2", "BLIP_WARMUP": "0"}))
+
+
+def test_injected_oom_shrinks_batches_and_loses_nothing(oom_eng):
+    b = Batcher(oom_eng, wait_ms=50).start()
     try:
         imgs = distinct_images(8)
-        results = submit_concurrently(b, eng, imgs, GREEDY)
+        results = submit_concurrently(b, oom_eng, imgs, GREEDY)
     finally:
         b.stop()
     assert all(r.error is None for r in results)
-    assert [r.caption for r in results] == reference(eng, imgs, GREEDY)
+    assert [r.caption for r in results] == reference(oom_eng, imgs, GREEDY)
+
+
+def test_after_an_oom_the_next_batches_start_at_the_size_that_fit(oom_eng, monkeypatch):
+    tried = record_batches(monkeypatch, oom_eng)
+    # a 10-minute batch wait: only full batches, or a job's last images, start
+    b = Batcher(oom_eng, wait_ms=600_000)  # started once all 12 images are queued
+    try:
+        imgs = distinct_images(12)
+        futures = [b.submit(oom_eng.preprocess(im), "a photo of", GREEDY) for im in imgs]
+        b.start()
+        got = [f.result(timeout=60).caption for f in futures]
+        # 8 (the limit) and 4 run out of memory, 2 fits: the 4 images still queued then ride
+        # in batches of 2, not 4
+        assert b.batch_sizes == [8, 2, 2]
+        assert tried == [8, 4, 2, 2, 2, 2, 2, 2]
+        # the queue drained: the reduced size is forgotten, the next batch starts at the limit
+        deadline = time.monotonic() + 30
+        while b._oom_caps and time.monotonic() < deadline:  # the GPU loop found it empty
+            time.sleep(0.01)
+        job = b.producer()
+        late = [b.submit(oom_eng.preprocess(im), "a photo of", GREEDY) for im in imgs[:3]]
+        job.release()
+        assert [f.result(timeout=60).caption for f in late] == got[:3]
+        assert b.batch_sizes == [8, 2, 2, 3] and tried[8:] == [3, 1, 1, 1]
+    finally:
+        b.stop()
+    assert got == reference(oom_eng, imgs, GREEDY)
 
 
 def test_an_engine_exception_fails_only_that_batch(eng, monkeypatch):

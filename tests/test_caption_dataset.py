@@ -27,6 +27,8 @@ from PIL import Image
 
 import caption_dataset as cd
 import config
+import engines
+import jobs
 import output as worker_output
 from dataset_client import fanout, outcomes, outfiles, packing, sources, work
 from dataset_client.cli import _NoBar
@@ -315,6 +317,41 @@ def test_a_row_already_written_is_never_written_again(tmp_path):
     assert len(records(tmp_path / "o.jsonl")) == 1 and run.stats.failed == 0
 
 
+def zip_answer(z: "work.Item") -> tuple["work.Job", "work.Result"]:
+    """A COMPLETED job of zip source ``z``, members named bare: two captions and an error."""
+    output = {"captions": [{"image_path": "a.jpg", "caption": "A"},
+                           {"image_path": "in/b.png", "caption": "B"}],
+              "errors": [{"image_path": "c.jpg", "error": "bad"}]}
+    return (work.Job([z], {}, 0, {z.ref: z}),
+            work.Result("state", state={"status": "COMPLETED", "output": output}))
+
+
+def test_a_zip_is_listed_complete_only_once_its_block_is_written(tmp_path, monkeypatch):
+    z = work.Item("https://h/z.zip", "https://h/z.zip", "zip", "https://h/z.zip")
+    run = bare_run(tmp_path, [z])
+    on_disk = []  # the keys in --out at the moment the zip is listed complete
+    real = run.output.mark_complete
+
+    def listing(sources):
+        sources = list(sources)
+        on_disk.append((sources, keys_of(records(tmp_path / "o.jsonl"))))
+        real(sources)
+
+    monkeypatch.setattr(run.output, "mark_complete", listing)
+    run.settle(*zip_answer(z))
+    assert on_disk == [([z.ref], [(z.ref, "a.jpg"), (z.ref, "in/b.png"), (z.ref, "c.jpg")])]
+    assert json.loads((tmp_path / "o.jsonl.zips.json").read_text()) == {"complete": [z.ref]}
+
+
+def test_a_zip_whose_block_cannot_be_written_is_not_listed_complete(tmp_path):
+    z = work.Item("https://h/z.zip", "https://h/z.zip", "zip", "https://h/z.zip")
+    run = bare_run(tmp_path, [z])
+    (tmp_path / "o.jsonl").mkdir()  # appending to --out now fails (IsADirectoryError)
+    with pytest.raises(OSError):
+        run.settle(*zip_answer(z))
+    assert not (tmp_path / "o.jsonl.zips.json").exists()
+
+
 def test_retry_after_header():
     class R:
         def __init__(self, value):
@@ -588,6 +625,49 @@ def test_preresized_images_get_the_captions_of_the_originals(sim, tmp_path, monk
     assert pre["body_bytes"] * 2 < raw["body_bytes"]
 
 
+def test_each_caption_written_is_that_images_own(sim, http_server, tmp_path, monkeypatch,
+                                                capsys):
+    """Every line's captions equal those of its image captioned alone (by a worker with the
+    endpoint's settings), in jobs that mix inline files and URLs; the images' captions all
+    differ, so an image given another's caption cannot pass. And the summary's GPU time is the
+    sum of the jobs' caption_s."""
+    files = {f"f{i}.jpg": pics.jpeg(seed=900 + i, size=(80 + 8 * i, 60)) for i in range(5)}
+    for name, data in files.items():
+        write(tmp_path / "ds" / name, data)
+    served = {http_server.route(f"/own/u{i}.png", web.body(pics.png(seed=920 + i), "image/png")):
+              pics.png(seed=920 + i) for i in range(4)}
+    (tmp_path / "urls.txt").write_text("".join(u + "\n" for u in served))
+    out, stats = tmp_path / "o.jsonl", tmp_path / "s.json"
+    before = {j.id for j in sim.jobs()}
+    code, stdout, err = run_main(monkeypatch, capsys, sim, tmp_path / "ds", tmp_path / "urls.txt",
+                                 "--out", out, "--images-per-job", "3", "--stats", stats,
+                                 *SENSITIVE)
+    assert code == 0, err
+    got = {r["source"]: [r["caption"], *r["alternatives"]] for r in records(out)}
+    assert set(got) == {*files, *served}
+    assert len({c[0] for c in got.values()}) == len(got), got  # no two images alike
+    cfg = config.Config.from_env({"BLIP_MODEL": "tiny-random", "BLIP_WARMUP": "0",
+                                  "BLIP_DTYPE": "float32"})
+    alone_worker = jobs.Worker(cfg, engines.load_engine(cfg))
+    try:
+        request = {"num_beams": 3, "num_captions": 3, "max_length": 20}
+        alone = {}
+        for source, data in {**files, **served}.items():
+            entry = alone_worker.run({"data_url": web.data_uri(data), **request})["captions"][0]
+            alone[source] = [entry["caption"], *entry["alternatives"]]
+    finally:
+        alone_worker.close()
+    assert got == alone
+    jobs_run = new_jobs(sim, before)
+    assert len(jobs_run) == 3 and all(j.status == "COMPLETED" for j in jobs_run)
+    assert any(j.input.get("data_urls") and len({u.startswith("data:")
+                                                  for u in j.input["data_urls"]}) == 2
+               for j in jobs_run), "a job mixes inline files and URLs"
+    gpu_s = sum(j.output["timings"]["caption_s"] for j in jobs_run)
+    assert gpu_s > 0 and json.loads(stats.read_text())["gpu_s"] == pytest.approx(gpu_s)
+    assert f"GPU time {gpu_s:.1f} s (sum of caption_s)" in stdout
+
+
 def test_url_list_with_404s(sim, http_server, tmp_path, monkeypatch, capsys):
     urls = [http_server.route(f"/img/{i}.jpg", web.body(pics.jpeg(seed=i), "image/jpeg"))
             for i in range(12)]
@@ -796,6 +876,55 @@ def test_ctrl_c_cancels_jobs_in_flight_writes_what_finished_and_exits_130(sim, t
     stdout, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 0, stderr[-2000:]
     assert_exactly_once(records(out), {(f"{i:02d}.png",) * 2 for i in range(30)})
+
+
+def queued_client(sim: RunPodSim, tmp_path: Path) -> tuple[subprocess.Popen, list]:
+    """A client subprocess whose 3 jobs wait in the endpoint's queue (takes are paused: call
+    ``sim.pause_takes(False)`` after), and those jobs."""
+    root = tmp_path / "ds"
+    for i in range(6):
+        write(root / f"{i}.png", pics.png(seed=140 + i))
+    before = {j.id for j in sim.jobs()}
+    sim.pause_takes(True)
+    proc = spawn(sim, root, "--out", tmp_path / "o.jsonl", "--images-per-job", "2", *FAST)
+    wait_until(lambda: len(new_jobs(sim, before)) == 3, 60, "three jobs queued")
+    return proc, new_jobs(sim, before)
+
+
+def test_sigterm_cancels_the_jobs_in_flight_and_exits_143(sim, tmp_path):
+    proc, queued = queued_client(sim, tmp_path)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        sim.pause_takes(False)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "interrupted" in stdout and "cancelling" in stderr
+    assert [sim.job(j.id).status for j in queued] == ["CANCELLED"] * 3
+    assert not (tmp_path / "o.jsonl").exists() or not records(tmp_path / "o.jsonl")
+
+
+def test_a_second_ctrl_c_quits_at_once(sim, tmp_path):
+    proc, queued = queued_client(sim, tmp_path)
+    try:
+        # every /status now answers 429 with Retry-After 20 s, which the SDK waits out before
+        # retrying: after the first Ctrl-C, the jobs' last look takes minutes
+        sim.throttle(10_000, retry_after=20, calls=("status",))
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1.5)
+        assert proc.poll() is None, "the first Ctrl-C waits for the jobs in flight"
+        proc.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=60)
+        quit_s = time.monotonic() - started
+    finally:
+        proc.kill()
+        sim.throttle(0)
+        sim.pause_takes(False)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert quit_s < 5, quit_s
+    assert "interrupted" in stdout and "Traceback" not in stderr
 
 
 def test_lost_jobs_are_resubmitted(sim, fleet, tmp_path, monkeypatch, capsys):

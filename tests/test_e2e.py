@@ -33,7 +33,9 @@ def test_runsync_data_urls_with_a_404(api, http_server):
     gone = http_server.route("/gone.png", web.status(404))
     out = api.runsync({"data_urls": [good[0], gone, good[1]], **FAST})["output"]
     assert [c["image_path"] for c in out["captions"]] == good
-    assert out["errors"] == [{"image_path": gone, "error": out["errors"][0]["error"]}]
+    assert out["errors"] == [{"image_path": gone, "error": (
+        "the server answered HTTP 404 Not Found; check that the URL is correct and publicly "
+        "readable (no login, not expired)")}]
 
 
 def test_invalid_params_fail_readably(api):

@@ -13,6 +13,7 @@ from engines import TransformersEngine
 from errors import FatalDeviceError, ModelLoadError
 from params import CaptionResult, GenerationParams
 from support import checkpoints
+from support.engine import caption_token_count, record_batches, record_token_rows
 from support.images import distinct_images
 
 GREEDY = GenerationParams(num_beams=1, max_length=12, min_length=5)
@@ -161,19 +162,47 @@ def test_prompt_text_that_looks_like_a_special_token_is_plain_text(engine):
 
 
 @pytest.mark.parametrize("max_length", [1, 3, 12])
-def test_max_length_counts_new_tokens(engine, max_length):
+@pytest.mark.parametrize("min_length", [0, "max"])
+def test_max_length_counts_new_tokens(engine, monkeypatch, max_length, min_length):
+    min_length = max_length if min_length == "max" else min_length
+    rows = record_token_rows(monkeypatch, engine)
+    caps = captions(engine.caption(distinct_images(3), GenerationParams(
+        num_beams=1, max_length=max_length, min_length=min_length)))
     # The tiny tokenizer is byte level: one token per character of the caption.
-    caps = captions(engine.caption(distinct_images(3), GenerationParams(
-        num_beams=1, max_length=max_length, min_length=0)))
-    assert all(len(c) <= max_length for c in caps)
+    assert len(rows) == 3 and all(len(c) <= max_length for c in caps)
+    counts = [caption_token_count(r, engine.m.eos_token_id) for r in rows]
+    # a caption stops at its eos or after exactly max_length new tokens, never sooner
+    assert all(min_length <= n <= max_length for n in counts), rows
+    assert all(n == max_length for r, n in zip(rows, counts) if engine.m.eos_token_id not in r)
 
 
-def test_min_length_counts_new_tokens_not_the_prompt(engine):
+def test_min_length_counts_new_tokens_not_the_prompt(engine, monkeypatch):
     long_prompt = "a very long prompt that is much longer than the minimum length asked for"
-    caps = captions(engine.caption(distinct_images(3), GenerationParams(
+    rows = record_token_rows(monkeypatch, engine)
+    captions(engine.caption(distinct_images(3), GenerationParams(
         num_beams=3, max_length=30, min_length=25), prompts=long_prompt))
-    # >= 25 new tokens; strip() may drop a leading/trailing space token.
-    assert all(len(c) >= 23 for c in caps), caps
+    counts = [caption_token_count(r, engine.m.eos_token_id) for r in rows]
+    assert len(counts) == 3 and all(25 <= n <= 30 for n in counts), rows
+
+
+def test_a_caption_may_end_at_min_length_and_not_before(engine, monkeypatch):
+    # Greedy: where a caption ends anyway after n tokens, min_length=n changes nothing (its
+    # eos comes at the first step allowed) and min_length=n+1 makes it longer.
+    eos = engine.m.eos_token_id
+    rows = record_token_rows(monkeypatch, engine)
+
+    def count(img, min_length):
+        rows.clear()
+        captions(engine.caption([img], GenerationParams(
+            num_beams=1, max_length=40, min_length=min_length), prompts="an image showing the"))
+        return caption_token_count(rows[0], eos)
+
+    imgs = distinct_images(6)
+    free = {i: count(img, 0) for i, img in enumerate(imgs)}
+    ends = {i: n for i, n in free.items() if 0 < n < 39}  # those that end on their own
+    assert len(ends) >= 3, free
+    assert {i: count(imgs[i], n) for i, n in ends.items()} == ends
+    assert all(count(imgs[i], n + 1) > n for i, n in ends.items())
 
 
 def test_num_captions_with_beams_and_with_sampling(engine):
@@ -201,11 +230,15 @@ def test_injected_oom_still_captions_every_image_in_order():
     assert captions(chaos.caption(imgs, BEAMS3, batch_size=6)) == clean
 
 
-def test_fallback_halves_and_keeps_the_reduced_size():
+def test_fallback_halves_and_keeps_the_reduced_size(monkeypatch):
     eng = engine_mod.load_engine(tiny_cfg(BLIP_INJECT_OOM_ABOVE_BATCH="2", BLIP_WARMUP="0"))
-    pixels = [eng.preprocess(im) for im in distinct_images(7)]
+    tried = record_batches(monkeypatch, eng)
+    imgs = distinct_images(7)
+    pixels = [eng.preprocess(im) for im in imgs]
     results, size = eng.generate_with_fallback(pixels, ["a photo of"] * 7, GREEDY, 8)
-    assert size == 2 and len(results) == 7 and all(r.error is None for r in results)
+    # 7 and 4 run out of memory; 2 fits and is kept for the rest (the last chunk holds 1)
+    assert tried == [7, 4, 2, 2, 2, 1] and size == 2
+    assert captions(results) == captions(eng.caption(imgs, GREEDY, batch_size=1))
 
 
 def test_oom_even_alone_is_a_per_image_error_and_the_rest_go_on(engine, monkeypatch):
@@ -219,7 +252,9 @@ def test_oom_even_alone_is_a_per_image_error_and_the_rest_go_on(engine, monkeypa
         return real(pixels, prompts, params)
 
     monkeypatch.setattr(engine, "_generate", flaky)
+    tried = record_batches(monkeypatch, engine)
     res = engine.caption(distinct_images(3), GREEDY, batch_size=3)
+    assert tried == [3, 1, 1, 1]  # halved to 1 at once; only the poisoned image fails alone
     assert res[0].error is None and res[2].error is None
     assert "out of GPU memory" in res[1].error and "num_beams" in res[1].error
 

@@ -3,6 +3,7 @@ model, against the real local HTTP server and real zips/images."""
 import json
 import os
 import threading
+import time
 
 import pytest
 
@@ -11,6 +12,7 @@ import engines as engine_mod
 import jobs
 from support import web
 from support import images as pics
+from support.engine import record_batches
 from support.worker import FAST
 from support.zips import five_member_zip, make_zip, many_members_zip, zip_bomb
 
@@ -40,6 +42,23 @@ def test_zip_with_nested_folder_corrupt_member_and_text_file(worker, http_server
     assert out["skipped"] == 1
     assert out["model"] == "tiny-random" and out["engine"] == "transformers"
     assert set(out["timings"]) == {"fetch_s", "caption_s", "total_s"}
+
+
+def test_timings_measure_the_fetch_the_captioning_and_the_whole_job(worker, http_server):
+    late = http_server.route("/late.jpg", web.delay(1.0, web.body(pics.jpeg(seed=320))))
+    ready = [web.data_uri(pics.jpeg(seed=321 + i), "image/jpeg") for i in range(2)]
+    started = time.monotonic()
+    out = worker.run({"data_urls": [*ready, late], "batch_size": 1, **FAST})
+    wall = time.monotonic() - started
+    t = out["timings"]
+    assert len(out["captions"]) == 3 and set(t) == {"fetch_s", "caption_s", "total_s"}
+    # the last source arrived after its server's 1 s delay; the whole job took longer (the
+    # timings are rounded to the millisecond)
+    assert 1.0 <= t["fetch_s"] < t["total_s"] <= wall + 0.0005
+    # captioning began with the inline images, before the late one arrived, and ended with
+    # it: the stages overlap
+    assert 0.9 <= t["caption_s"] < t["total_s"]
+    assert t["fetch_s"] + t["caption_s"] > t["total_s"]
 
 
 def test_one_404_among_data_urls_costs_only_that_image(worker, http_server):
@@ -134,12 +153,16 @@ def test_concurrent_jobs_each_get_their_own_captions(worker):
     assert [[c["caption"] for c in r["captions"]] for r in results] == alone
 
 
-def test_injected_oom_still_captions_every_image(tmp_path, worker):
+def test_injected_oom_still_captions_every_image(tmp_path, worker, monkeypatch):
     uris = [web.data_uri(pics.jpeg(seed=200 + i), "image/jpeg") for i in range(6)]
     clean = worker.run({"data_urls": uris, **FAST})
     chaos = make_worker(tmp_path, BLIP_INJECT_OOM_ABOVE_BATCH="1")
+    chaos.batcher.wait_s = 600.0  # the job's 6 images ride in one batch (it ends the wait)
+    tried = record_batches(monkeypatch, chaos.engine)
     try:
         assert chaos.run({"data_urls": uris, **FAST})["captions"] == clean["captions"]
+        assert chaos.batcher.batch_sizes == [6]
+        assert tried == [6, 3, 1, 1, 1, 1, 1, 1]  # halved until it fits, never lost an image
     finally:
         chaos.close()
 
@@ -162,6 +185,16 @@ def test_progress_is_reported_for_jobs_over_one_batch(worker):
     uris = [web.data_uri(pics.jpeg(seed=300 + i), "image/jpeg") for i in range(5)]
     worker.run({"data_urls": uris, "batch_size": 2, **FAST}, progress=lambda d, t: seen.append(d))
     assert seen and seen[-1] == 5 and seen == sorted(seen)
+
+
+def test_no_progress_for_a_job_of_one_batch_or_less(worker):
+    seen = []
+    uris = [web.data_uri(pics.jpeg(seed=310 + i), "image/jpeg") for i in range(2)]
+    for job in ({"data_urls": uris, "batch_size": 2}, {"data_urls": uris},  # 2 = its batch
+                {"data_url": uris[0]}):  # 1 and 2 images under the worker's batch of 8
+        out = worker.run({**job, **FAST}, progress=lambda done, total: seen.append(done))
+        assert "errors" not in out and len(out["captions"]) == len(job.get("data_urls", "1"))
+    assert seen == []
 
 
 def test_output_never_echoes_inline_data(worker):
@@ -199,7 +232,6 @@ def test_cancel_stops_a_job_waiting_on_a_slow_download(tmp_path, http_server):
         t = threading.Thread(target=lambda: result.update(
             w.run({"data_urls": [fast, slow], **FAST}, "job-cancel")))
         t.start()
-        import time
         time.sleep(1.5)
         w.cancel("job-cancel")
         t.join(timeout=20)
@@ -284,7 +316,6 @@ def test_no_progress_after_a_cancel_and_a_total_only_once_known(tmp_path, http_s
                                                                   monkeypatch):
     """As seen on RunPod: a job cancelled while a batch was on the GPU posted one more update,
     with a total that counted only the images queued before the cancel."""
-    import time
     w = make_worker(tmp_path, DOWNLOAD_DEADLINE_S="60")
     real = w.engine.generate_with_fallback
 

@@ -234,13 +234,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.stats.skipped, run.stats.duplicates, run.stats.images = skipped, duplicates, len(todo)
     started, loop_cpu = time.monotonic(), time.process_time()
     code = EXIT_OK
+    quit_now = False
     try:
         run.loop()
     except Fatal as exc:
         bar.write(f"error: {exc}", file=sys.stderr)
         code = EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C (or one before the handler was installed)
         caught.append(signal.SIGINT)
+        quit_now = True
     except OSError as exc:
         bar.write(f"error: writing {args.out}: {exc.strerror or exc}", file=sys.stderr)
         code = EXIT_USAGE
@@ -260,6 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.stats:
         with open(args.stats, "w", encoding="utf-8") as fh:
             json.dump(stats.as_dict(), fh, indent=1)
+    if quit_now:  # job threads may still wait inside SDK calls: do not join them at exit
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + int(caught[0]))
     if caught:
         return 128 + int(caught[0])
     if code:

@@ -279,6 +279,7 @@ class Run:
 
     def loop(self) -> None:
         stop = self.fleet.stop
+        quitting = False  # a second Ctrl-C: leave without waiting for the jobs in flight
         try:
             while True:
                 while not stop.is_set() and len(self.running) < self.args.max_in_flight:
@@ -303,9 +304,12 @@ class Run:
                     job = self.running.pop(future, None)
                     if job is not None:
                         self.settle(job, future.result())  # Fatal propagates
+        except KeyboardInterrupt:
+            quitting = True
+            raise
         finally:
             stop.set()
-            for future, job in list(self.running.items()):
+            for future, job in [] if quitting else list(self.running.items()):
                 try:
                     result = future.result(timeout=30)
                 except Exception:  # noqa: BLE001 - stopping; what finished is written

@@ -92,9 +92,12 @@ def corrupt_entry(data: bytes, name: str) -> bytes:
 
 @functools.lru_cache(maxsize=None)
 def zip_bomb(size: int = 50 * 1024 * 1024) -> bytes:
-    """One member of ``size`` zero bytes, deflated at level 9 (ratio about 1000:1)."""
+    """An ordinary image (``photo.png``), then the bomb: a member of ``size`` zero bytes,
+    deflated at level 9 (ratio about 1000:1). The bomb is not the first member, so a guard
+    that looked at the first member only would let it through."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        zf.writestr("photo.png", pics.png(seed=1))
         with zf.open("zeros.jpg", "w") as member:
             block = bytes(1 << 20)
             for _ in range(size >> 20):
